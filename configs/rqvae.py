@@ -1,0 +1,158 @@
+"""Configuration of a whole rqvae-jax run: model, quantizer, loss, data, optimiser, logging.
+
+Usage: `--config configs/rqvae.py` (the published configuration) or
+`--config configs/rqvae.py:VARIANT` with VARIANT one of `paper`, `original`, `demo`, `smoke`.
+Every constant of the model is a field here, including those where the paper and the original
+code disagree (`paper` follows the paper, `original` follows the released code).
+"""
+import ml_collections
+
+STEMS = ('bass', 'drums', 'guitar', 'piano')
+VARIANTS = ('paper', 'original', 'demo', 'smoke')
+
+
+def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
+  variant = arg or 'paper'
+  if variant not in VARIANTS:
+    raise ValueError(f'Unknown config variant {variant!r}: choose one of {VARIANTS} '
+                     '(e.g. --config configs/rqvae.py:smoke).')
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0
+
+  # ----- model (RQVAE(config.model)) -----
+  m = c.model = ml_collections.ConfigDict()
+  m.num_stems = len(STEMS)
+  m.in_channels = 1
+  m.channels = (16, 32, 64, 128, 256)      # output channels of encoder blocks 1..5
+  m.kernels = (3, 7, 7, 6, 4)
+  m.strides = (1, 5, 5, 4, 2)
+  m.padding = 1
+  m.prelu_init = 0.1
+  m.dropout = 0.1
+  m.lstm_layers = 2
+  m.bn_momentum = 0.9                      # PyTorch momentum 0.1
+  m.bn_epsilon = 1e-5
+  m.skip_connections = True
+  # Audio normalisation: model sees (stem - offset) / scale per stem. The original z-scores
+  # int16-scale samples with mean 122.759 and std 2359.9309; on float audio in [-1, 1] that
+  # is offset 122.759 / 32768 and scale 2359.9309 / 32768.
+  m.norm_offset = 122.759 / 32768.0
+  m.norm_scale = 2359.9309 / 32768.0
+  m.dtype = 'float32'                      # compute dtype ('bfloat16' for mixed precision)
+  m.lstm_impl = 'auto'                     # 'auto' (cuDNN on GPU if available), 'scan'
+
+  # ----- residual vector quantizer (config.model.quantizer) -----
+  q = m.quantizer = ml_collections.ConfigDict()
+  q.num_quantizers = 12
+  q.codebook_size = 4096
+  q.usage_decay = 0.97                     # original code: 0.93
+  q.dead_threshold = 2.0                   # original code: 1.0
+  q.restart_every = 10                     # training steps between dead-code restarts
+  q.kmeans_stages = 'first'                # 'first' (original), 'all', or 'none'
+  q.kmeans_examples = 50                   # training mixtures encoded for k-means
+  q.kmeans_iters = 20
+  q.kmeans_seeding = 'kmeans++'            # or 'random'
+  q.distance_dtype = 'float32'             # 'bfloat16' inputs with float32 accumulation
+  q.codebook_ema_decay = 0.99              # EMA of codebook weights used for validation
+
+  # ----- loss -----
+  l = c.loss = ml_collections.ConfigDict()
+  l.mel_weight = 1.0                       # paper alpha = 1; original code: 1e-6
+  l.time_weight = 1.0
+  l.commitment_weight = 1.0
+  l.codebook_term = 0.75                   # weight of mse(sg(r), q) inside the commitment
+  l.encoder_term = 1.0                     # weight of mse(r, sg(q))
+  l.cumulative_term = 1.0                  # weight of mse(z_e, sg(sum of q so far))
+  l.mel_window_powers = (6, 7, 8, 9, 10, 11)
+  l.mel_min_n_fft = 512
+  l.num_mels = 64
+  l.log_epsilon = 1e-5
+
+  # ----- data -----
+  d = c.data = ml_collections.ConfigDict()
+  d.root = ''                              # prepared Slakh2100 folder; '' = synthetic default
+  d.stems = STEMS
+  d.sample_rate = 22050
+  d.segment_samples = 88200               # 4 s training windows; a multiple of 200 here
+  d.shift_augmentation = True              # random shift in [-segment/2, segment/2)
+  d.min_track_seconds = 12.0
+  d.max_track_seconds = 640.0
+  d.num_parallel_reads = 4
+  d.prefetch_batches = 2
+  d.synthetic = ml_collections.ConfigDict()
+  d.synthetic.seed = 0
+  d.synthetic.num_train = 200
+  d.synthetic.num_validation = 20
+  d.synthetic.num_test = 40
+  d.synthetic.min_seconds = 20.0
+  d.synthetic.max_seconds = 40.0
+  d.synthetic.cache_dir = ''               # '' = ~/.cache/rqvae_jax/synthetic
+  # Evaluation protocol (MSDM): 4 s windows, 2 s hop, keep windows with >= 2 active stems.
+  d.eval_window_samples = 88200
+  d.eval_hop_samples = 44100
+  d.silence_threshold = 1.5e-5             # ||s||_2 / N on raw audio
+  d.min_active_stems = 2
+
+  # ----- optimiser and schedule -----
+  o = c.optim = ml_collections.ConfigDict()
+  o.optimizer = 'adam'
+  o.lr = 1e-3
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-8
+  o.weight_decay = 0.0
+  o.warmup_steps = 0
+  o.grad_clip_norm = 0.0                   # 0 = off
+  o.plateau_factor = 0.5                   # lr *= factor when val SI-SDRi improved < min_delta
+  o.plateau_min_delta = 0.05
+  o.early_stop_patience = 0                # 0 = off (original: 3)
+
+  c.batch_size = 16                        # global batch
+  c.num_train_steps = 60_000
+  c.log_every_steps = 50
+  c.eval_every_steps = 5_000
+  c.num_eval_batches = 8                   # fixed validation subset
+  c.checkpoint_every_steps = 1_000
+  c.keep_checkpoints = 3
+  c.num_audio_examples = 2
+
+  if variant == 'original':
+    q.usage_decay = 0.93
+    q.dead_threshold = 1.0
+    l.mel_weight = 1e-6
+    o.early_stop_patience = 3
+  elif variant == 'demo':
+    # Small enough to train in minutes on a 2-core CPU, large enough to separate.
+    m.channels = (16, 32, 64, 128, 128)
+    q.num_quantizers = 4
+    q.codebook_size = 256
+    q.kmeans_examples = 16
+    c.batch_size = 8
+    c.num_train_steps = 600
+    c.eval_every_steps = 200
+    c.num_eval_batches = 2
+    c.checkpoint_every_steps = 200
+    c.log_every_steps = 20
+  elif variant == 'smoke':
+    m.channels = (4, 8, 8, 16, 16)
+    q.num_quantizers = 3
+    q.codebook_size = 32
+    q.kmeans_examples = 4
+    q.kmeans_iters = 3
+    q.restart_every = 2
+    d.segment_samples = 10000
+    d.eval_window_samples = 10000
+    d.eval_hop_samples = 5000
+    d.synthetic.num_train = 4
+    d.synthetic.num_validation = 2
+    d.synthetic.num_test = 2
+    d.synthetic.min_seconds = 2.0
+    d.synthetic.max_seconds = 3.0
+    c.batch_size = 2
+    c.num_train_steps = 4
+    c.eval_every_steps = 2
+    c.num_eval_batches = 1
+    c.checkpoint_every_steps = 2
+    c.log_every_steps = 1
+  return c
