@@ -1,0 +1,217 @@
+"""Residual vector quantizer: nearest-code lookup, straight-through, usage stats, restart, k-means.
+
+Codebooks are one parameter `codebooks` of shape (Q, K, D). Per-code usage lives in the
+mutable collection `codebook_stats` (variable `usage`, shape (Q, K)) and is updated on every
+training call as `usage <- decay * (usage + counts)`, where counts are the number of frames
+assigned to each code in the batch (duplicates accumulate, unlike the original's indexed `+=`).
+Dead-code restart and k-means initialisation are pure functions over these arrays, so the
+training step can call them under `jit`.
+"""
+from typing import Any, Dict, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+STATS = 'codebook_stats'
+
+
+def _dtype(name_or_dtype) -> Any:
+  return jnp.dtype(name_or_dtype)
+
+
+def squared_distances(x: jax.Array, codebook: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """||x||^2 - 2 x.c + ||c||^2 as one matmul, (N, D) x (K, D) -> (N, K), float32.
+
+  `dtype` is the matmul's input dtype (bfloat16 halves the bandwidth); accumulation and the
+  norms stay in float32, so only near-ties between codes can change.
+  """
+  cross = jnp.dot(x.astype(dtype), codebook.astype(dtype).T, preferred_element_type=jnp.float32)
+  x2 = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+  c2 = jnp.sum(jnp.square(codebook.astype(jnp.float32)), axis=-1)
+  return x2 - 2.0 * cross + c2
+
+
+def nearest_code(x: jax.Array, codebook: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """Index of the nearest code for each row of x (the ||x||^2 term does not change argmin)."""
+  cross = jnp.dot(x.astype(dtype), codebook.astype(dtype).T, preferred_element_type=jnp.float32)
+  c2 = jnp.sum(jnp.square(codebook.astype(jnp.float32)), axis=-1)
+  return jnp.argmin(c2 - 2.0 * cross, axis=-1).astype(jnp.int32)
+
+
+def xavier_normal(key, shape, dtype=jnp.float32):
+  """Xavier-normal per stage, like `init.xavier_normal_` on each (K, D) nn.Embedding."""
+  _, k, d = shape
+  return jax.random.normal(key, shape, dtype) * jnp.sqrt(2.0 / (k + d)).astype(dtype)
+
+
+class ResidualVQ(nn.Module):
+  """Q-stage residual VQ over (B, T, D) frames with straight-through gradients.
+
+  Returns the sum of the stage quantizations and an aux dict: `codes` (B, T, Q) int32,
+  `residuals` (B, T, Q, D) (the input of each stage, for dead-code restart), `counts` (Q, K)
+  and the three commitment parts summed over stages: `codebook_loss` mse(sg(r), q),
+  `encoder_loss` mse(r, sg(q)), `cumulative_loss` mse(z_e, sg(sum of q so far)).
+  """
+  num_quantizers: int
+  codebook_size: int
+  dim: int
+  usage_decay: float = 0.97
+  distance_dtype: Any = 'float32'
+
+  def setup(self):
+    self.codebooks = self.param('codebooks', xavier_normal,
+                                (self.num_quantizers, self.codebook_size, self.dim))
+    self.usage = self.variable(STATS, 'usage', jnp.zeros,
+                               (self.num_quantizers, self.codebook_size), jnp.float32)
+
+  def __call__(self, z_e: jax.Array, train: bool = False) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    z_e = z_e.astype(jnp.float32)
+    batch, length, dim = z_e.shape
+    if dim != self.dim:
+      raise ValueError(f'ResidualVQ expects frames of dimension {self.dim}, got {z_e.shape}.')
+    flat = z_e.reshape(-1, dim)
+    dist_dtype = _dtype(self.distance_dtype)
+
+    def stage(carry, codebook):
+      residual, cumulative = carry
+      idx = nearest_code(jax.lax.stop_gradient(residual), codebook, dist_dtype)
+      q = jnp.take(codebook, idx, axis=0)
+      cumulative = cumulative + jax.lax.stop_gradient(q)
+      losses = (jnp.mean(jnp.square(jax.lax.stop_gradient(residual) - q)),
+                jnp.mean(jnp.square(residual - jax.lax.stop_gradient(q))),
+                jnp.mean(jnp.square(flat - cumulative)))
+      z_q = residual + jax.lax.stop_gradient(q - residual) if train else q
+      counts = jnp.zeros((self.codebook_size,), jnp.float32).at[idx].add(1.0)
+      return (residual - z_q, cumulative), (z_q, idx, residual, counts, losses)
+
+    init = (flat, jnp.zeros_like(flat))
+    _, (z_qs, idx, residuals, counts, losses) = jax.lax.scan(stage, init, self.codebooks)
+    quantized = jnp.sum(z_qs, axis=0).reshape(batch, length, dim)
+    if train and not self.is_initializing():
+      self.usage.value = self.usage_decay * (self.usage.value + counts)
+    aux = {
+        'codes': jnp.moveaxis(idx, 0, -1).reshape(batch, length, self.num_quantizers),
+        'residuals': jnp.moveaxis(residuals, 0, 1).reshape(batch, length, self.num_quantizers, dim),
+        'counts': counts,
+        'codebook_loss': jnp.sum(losses[0]),
+        'encoder_loss': jnp.sum(losses[1]),
+        'cumulative_loss': jnp.sum(losses[2]),
+    }
+    return quantized, aux
+
+  def lookup(self, codes: jax.Array) -> jax.Array:
+    """Sum of the codes' vectors: (B, T, Q) int -> (B, T, D)."""
+    gathered = jax.vmap(lambda cb, c: jnp.take(cb, c, axis=0), in_axes=(0, -1), out_axes=0)(
+        self.codebooks, codes)
+    return jnp.sum(gathered, axis=0)
+
+
+def restart_dead_codes(codebooks: jax.Array, usage: jax.Array, residuals: jax.Array,
+                       rng: jax.Array, threshold: float):
+  """Replaces codes whose usage is below `threshold` by random residual frames of their stage.
+
+  codebooks (Q, K, D), usage (Q, K), residuals (..., Q, D): the inputs of each stage in the
+  last batch. Live codes are untouched; restarted codes get usage 0. Returns
+  (codebooks, usage, dead mask (Q, K)). Pure and jittable for any batch size.
+  """
+  num_q, k, d = codebooks.shape
+  frames = residuals.reshape(-1, num_q, d).astype(codebooks.dtype)
+  pick = jax.random.randint(rng, (num_q, k), 0, frames.shape[0])
+  candidates = frames[pick, jnp.arange(num_q)[:, None]]
+  dead = usage < threshold
+  codebooks = jnp.where(dead[..., None], candidates, codebooks)
+  usage = jnp.where(dead, 0.0, usage)
+  return codebooks, usage, dead
+
+
+def _assign(frames: jax.Array, centroids: jax.Array, chunk: int = 4096):
+  """Nearest centroid and squared distance per frame, in chunks to bound (chunk, K) memory."""
+  n, d = frames.shape
+  pad = (-n) % chunk
+  padded = jnp.pad(frames, ((0, pad), (0, 0))).reshape(-1, chunk, d)
+
+  def one(block):
+    dist = squared_distances(block, centroids)
+    idx = jnp.argmin(dist, axis=-1)
+    return idx.astype(jnp.int32), jnp.maximum(jnp.take_along_axis(dist, idx[:, None], 1)[:, 0], 0)
+
+  idx, dist = jax.lax.map(one, padded)
+  return idx.reshape(-1)[:n], dist.reshape(-1)[:n]
+
+
+def _seed_kmeans_plus_plus(frames, k, rng):
+  """k-means++ seeding: each new centre drawn with probability proportional to D(x)^2."""
+  n = frames.shape[0]
+  rng, first = jax.random.split(rng)
+  c0 = frames[jax.random.randint(first, (), 0, n)]
+  centroids = jnp.zeros((k, frames.shape[1]), frames.dtype).at[0].set(c0)
+  d2 = jnp.sum(jnp.square(frames - c0), axis=-1)
+
+  def body(i, state):
+    centroids, d2, rng = state
+    rng, key = jax.random.split(rng)
+    total = jnp.sum(d2)
+    logits = jnp.where(total > 0, jnp.log(jnp.maximum(d2, 1e-30)), jnp.zeros_like(d2))
+    c = frames[jax.random.categorical(key, logits)]
+    return centroids.at[i].set(c), jnp.minimum(d2, jnp.sum(jnp.square(frames - c), -1)), rng
+
+  centroids, _, _ = jax.lax.fori_loop(1, k, body, (centroids, d2, rng))
+  return centroids
+
+
+def kmeans(frames: jax.Array, k: int, num_iters: int, rng: jax.Array, seeding: str = 'kmeans++'):
+  """Lloyd's k-means in JAX; returns (centroids (k, D), mean squared error per frame).
+
+  Fewer frames than k is allowed: the spare centroids repeat frames (they are then restarted
+  as dead codes during training). Empty clusters keep their previous centre.
+  """
+  frames = jnp.asarray(frames, jnp.float32)
+  if frames.ndim != 2 or frames.shape[0] == 0:
+    raise ValueError(f'kmeans needs frames shaped (N, D) with N > 0, got {frames.shape}.')
+  if seeding not in ('kmeans++', 'random'):
+    raise ValueError(f"kmeans seeding must be 'kmeans++' or 'random', got {seeding!r}.")
+  return _kmeans(frames, rng, k, num_iters, seeding)
+
+
+@jax.jit
+def _lloyd_step(frames, centroids):
+  idx, _ = _assign(frames, centroids)
+  k = centroids.shape[0]
+  sums = jax.ops.segment_sum(frames, idx, num_segments=k)
+  counts = jax.ops.segment_sum(jnp.ones_like(idx, jnp.float32), idx, num_segments=k)
+  return jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], centroids)
+
+
+def _kmeans(frames, rng, k, num_iters, seeding):
+  if seeding == 'kmeans++':
+    centroids = jax.jit(_seed_kmeans_plus_plus, static_argnums=1)(frames, k, rng)
+  else:
+    pick = jax.random.choice(rng, frames.shape[0], (k,), replace=frames.shape[0] < k)
+    centroids = frames[pick]
+  for _ in range(num_iters):
+    centroids = _lloyd_step(frames, centroids)
+  _, dist = jax.jit(_assign)(frames, centroids)
+  return centroids, jnp.mean(dist) / frames.shape[1]
+
+
+def kmeans_init_codebooks(codebooks: jax.Array, frames: jax.Array, rng: jax.Array, *,
+                          stages: str = 'first', num_iters: int = 20,
+                          seeding: str = 'kmeans++') -> jax.Array:
+  """Fits codebook stages to encoder frames (N, D): stage s on the residuals of stages < s.
+
+  stages: 'first' (the original: only the first codebook), 'all', or 'none'.
+  """
+  if stages == 'none':
+    return codebooks
+  if stages not in ('first', 'all'):
+    raise ValueError(f"kmeans stages must be 'first', 'all' or 'none', got {stages!r}.")
+  num_q, k, _ = codebooks.shape
+  residual = jnp.asarray(frames, jnp.float32)
+  for s in range(num_q if stages == 'all' else 1):
+    rng, key = jax.random.split(rng)
+    centroids, _ = kmeans(residual, k, num_iters, key, seeding)
+    codebooks = codebooks.at[s].set(centroids.astype(codebooks.dtype))
+    idx, _ = jax.jit(_assign)(residual, centroids)
+    residual = residual - centroids[idx]
+  return codebooks
