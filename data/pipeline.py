@@ -1,0 +1,137 @@
+"""The training stream: random stem windows read from WAV files, on tf.data.
+
+Every example is a pure function of (seed, step, global example index): process p of P
+yields global indices p*B .. (p+1)*B - 1 of each step (B the per-process batch). Hence
+
+* the global batch of step s is the same whatever the process count,
+* a run resumed at `start_step=s` sees exactly the batches an uninterrupted run would,
+* processes read disjoint examples, with no coordination.
+
+Example = (track, start): a track is drawn with probability proportional to its length
+(uniform over all segment-sized chunks of all tracks, like the original's item index), the
+window starts at that chunk plus a shift uniform in [-segment/2, segment/2) (with
+`shift_augmentation`), clipped so the window stays inside the track; a track shorter than
+a segment is zero-padded. Only the window is read from disk (soundfile seek + read).
+
+TensorFlow runs on the CPU only: it is imported lazily by the first stream (`import_tf`,
+so `resolve_root` and friends stay cheap) and GPUs are hidden from it right away, so it
+never reserves accelerator memory that JAX needs.
+"""
+import os
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from data import slakh
+from data import synthetic
+from data.slakh import Track, load_stems, load_track  # pylint: disable=unused-import
+
+
+def import_tf():
+  """Imports TensorFlow with GPUs hidden (safe to call repeatedly)."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except (RuntimeError, ValueError):  # devices already initialised elsewhere: too late
+    pass
+  return tf
+
+
+def resolve_root(data_config) -> str:
+  """data_config.root if set (must exist), else the synthetic set (generated once)."""
+  root = data_config.get('root', '') or ''
+  if root:
+    root = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(root):
+      raise ValueError(f'data.root {root} does not exist. Expected '
+                       f'{slakh.expected_layout(data_config)}; or leave data.root empty '
+                       'for the synthetic default.')
+    return root
+  return synthetic.ensure_synthetic(data_config)
+
+
+def load_tracks(data_config, split: str, verbose: bool = True) -> List[Track]:
+  """resolve_root + scan: the validated tracks of one split."""
+  return slakh.scan(resolve_root(data_config), split, data_config, verbose=verbose).kept
+
+
+def example_window(num_frames: Sequence[int], segment: int, shift: bool, seed: int,
+                   step: int, index: int) -> Tuple[int, int]:
+  """(track index, start) of global example `index` of training step `step`."""
+  frames = np.asarray(num_frames, np.int64)
+  chunks = np.maximum(frames // segment, 1)
+  rng = np.random.default_rng([int(seed) % (1 << 63), int(step), int(index)])
+  u = int(rng.integers(int(chunks.sum())))
+  cum = np.cumsum(chunks)
+  t = int(np.searchsorted(cum, u, side='right'))
+  start = (u - int(cum[t] - chunks[t])) * segment
+  if shift:
+    start += int(rng.integers(-(segment // 2), segment - segment // 2))
+  start = int(np.clip(start, 0, max(0, int(frames[t]) - segment)))
+  return t, start
+
+
+def train_dataset(data_config, tracks: Sequence[Track], batch_size: int, seed: int,
+                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                  num_steps: Optional[int] = None):
+  """The tf.data.Dataset behind `train_batches` (batches (B, N, S) float32)."""
+  if not tracks:
+    raise ValueError('train_dataset needs at least one track.')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count}).')
+  tf = import_tf()
+  stems = tuple(data_config.stems)
+  segment = int(data_config.segment_samples)
+  shift = bool(data_config.get('shift_augmentation', True))
+  frames = [t.num_frames for t in tracks]
+  tracks = list(tracks)
+  offset = process_index * batch_size
+
+  def read(counter):
+    step, j = divmod(int(counter), batch_size)
+    t, start = example_window(frames, segment, shift, seed, step, offset + j)
+    return load_stems(tracks[t], start, segment, stems)
+
+  def read_tf(counter):
+    x = tf.numpy_function(read, [counter], tf.float32, stateful=False)
+    x.set_shape((segment, len(stems)))
+    return x
+
+  stop = (start_step + num_steps) if num_steps is not None else (1 << 62) // batch_size
+  ds = tf.data.Dataset.range(start_step * batch_size, stop * batch_size)
+  ds = ds.map(read_tf, num_parallel_calls=int(data_config.get('num_parallel_reads', 4)),
+              deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.prefetch(int(data_config.get('prefetch_batches', 2)))
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.private_threadpool_size = max(2, int(data_config.get(
+      'num_parallel_reads', 4)))
+  return ds.with_options(options)
+
+
+def train_batches(data_config, tracks: Sequence[Track], batch_size: int, seed: int,
+                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                  num_steps: Optional[int] = None) -> Iterator[np.ndarray]:
+  """Yields float32 (batch_size, segment_samples, num_stems) stem batches, step by step.
+
+  Args:
+    data_config: the config's `data` section.
+    tracks: the training tracks (`load_tracks(data_config, 'train')`).
+    batch_size: the PER-PROCESS batch.
+    seed: the run's data seed.
+    start_step: first step to yield (resume).
+    process_index: this process (jax.process_index()).
+    process_count: number of processes (jax.process_count()).
+    num_steps: stop after this many steps (default: endless).
+  """
+  ds = train_dataset(data_config, tracks, batch_size, seed, start_step=start_step,
+                     process_index=process_index, process_count=process_count,
+                     num_steps=num_steps)
+  return ds.as_numpy_iterator()
+
+
+def mixture(stems: np.ndarray) -> np.ndarray:
+  """The mixture the model separates: the sum of the stems (last axis)."""
+  return stems.sum(axis=-1)

@@ -1,0 +1,133 @@
+"""The tf.data training stream: shapes, determinism, resumption, process shards, windows."""
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from configs import rqvae
+from data import pipeline
+from data import slakh
+
+SR = 22050
+STEMS = ('bass', 'drums', 'guitar', 'piano')
+
+
+@pytest.fixture(scope='module')
+def tracks(tmp_path_factory):
+  """Five tracks whose samples encode (track, stem, frame), one shorter than a segment."""
+  root = tmp_path_factory.mktemp('slakh')
+  lengths = [30000, 45000, 21000, 7000, 60000]
+  for t, n in enumerate(lengths):
+    folder = root / 'train' / f'Track{t + 1:05d}'
+    os.makedirs(folder)
+    for j, s in enumerate(STEMS):
+      # PCM_16-exact values: frame index (mod 2^12) plus a track/stem tag.
+      x = ((np.arange(n) % 4096) + 4096 * (t + 1) + 512 * j) % 32768 / 32768.0
+      sf.write(str(folder / f'{s}.wav'), x.astype(np.float32), SR, subtype='PCM_16')
+  d = data_config()
+  return slakh.scan(str(root), 'train', d, verbose=False).kept
+
+
+def data_config():
+  d = rqvae.get_config('smoke').data
+  d.min_track_seconds = 0.1
+  return d
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_batches_shape_dtype(tracks):
+  d = data_config()
+  batches = take(pipeline.train_batches(d, tracks, batch_size=3, seed=0), 2)
+  for b in batches:
+    assert b.shape == (3, d.segment_samples, 4) and b.dtype == np.float32
+    assert np.abs(b).max() > 0
+  assert np.allclose(pipeline.mixture(batches[0]), batches[0].sum(-1))
+
+
+def test_same_seed_and_step_same_batch_resume(tracks):
+  d = data_config()
+  full = list(pipeline.train_batches(d, tracks, 2, seed=7, num_steps=5))
+  again = list(pipeline.train_batches(d, tracks, 2, seed=7, num_steps=5))
+  resumed = list(pipeline.train_batches(d, tracks, 2, seed=7, start_step=3, num_steps=2))
+  assert len(full) == 5
+  for a, b in zip(full, again):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(full[3:], resumed):
+    np.testing.assert_array_equal(a, b)
+  other = list(pipeline.train_batches(d, tracks, 2, seed=8, num_steps=5))
+  assert any(not np.array_equal(a, b) for a, b in zip(full, other))
+
+
+def test_processes_are_disjoint_and_compose_the_global_batch(tracks):
+  d = data_config()
+  one = list(pipeline.train_batches(d, tracks, 4, seed=1, num_steps=3))
+  p0 = list(pipeline.train_batches(d, tracks, 2, seed=1, process_index=0, process_count=2,
+                                   num_steps=3))
+  p1 = list(pipeline.train_batches(d, tracks, 2, seed=1, process_index=1, process_count=2,
+                                   num_steps=3))
+  for g, a, b in zip(one, p0, p1):
+    np.testing.assert_array_equal(g, np.concatenate([a, b]))
+    for x in a:
+      assert not any(np.array_equal(x, y) for y in b)
+
+
+def _locate(example, tracks):
+  """(track index, start) recovered from the sample tags of the first stem."""
+  first = int(round(example[0, 0] * 32768))
+  t = first // 4096 - 1
+  return t, first % 4096
+
+
+def test_windows_stay_inside_tracks_and_follow_the_plan(tracks):
+  d = data_config()
+  seg = d.segment_samples
+  frames = [t.num_frames for t in tracks]
+  starts = {i: [] for i in range(len(tracks))}
+  for step in range(2000):
+    t, start = pipeline.example_window(frames, seg, True, 0, step, 0)
+    assert 0 <= start <= max(0, frames[t] - seg)
+    starts[t].append(start)
+  # Tracks are drawn in proportion to their segment count (3, 4, 2, 1, 6 of 16).
+  counts = np.array([len(starts[i]) for i in range(len(tracks))]) / 2000
+  np.testing.assert_allclose(counts, np.array([3, 4, 2, 1, 6]) / 16, atol=0.03)
+  # The shift spreads starts over the track, including both clipped ends.
+  assert 0 in starts[4] and frames[4] - seg in starts[4]
+  assert len(set(starts[4])) > 20
+  assert set(starts[3]) == {0}  # shorter than a segment: start 0, zero-padded
+  # Without the shift, starts are multiples of the segment.
+  assert all(pipeline.example_window(frames, seg, False, 0, s, 1)[1] % seg == 0
+             for s in range(50))
+  # The batches hold exactly those windows.
+  batch = next(pipeline.train_batches(d, tracks, 3, seed=5))
+  for j in range(3):
+    t, start = pipeline.example_window(frames, seg, True, 5, 0, j)
+    np.testing.assert_array_equal(batch[j], slakh.load_stems(tracks[t], start, seg, STEMS))
+    n = min(seg, frames[t] - start)
+    assert _locate(batch[j], tracks) == (t, start % 4096)
+    assert not batch[j][n:].any()
+
+
+def test_load_stems_pads_past_the_end(tracks):
+  x = slakh.load_stems(tracks[3], 6000, 2000, STEMS)
+  assert x.shape == (2000, 4)
+  assert x[:1000].all() and not x[1000:].any()
+  with pytest.raises(ValueError):
+    slakh.load_stems(tracks[3], -1, 10, STEMS)
+
+
+def test_resolve_root(tmp_path):
+  d = data_config()
+  d.root = str(tmp_path / 'missing')
+  with pytest.raises(ValueError, match='does not exist'):
+    pipeline.resolve_root(d)
+  d.root = str(tmp_path)
+  assert pipeline.resolve_root(d) == str(tmp_path)
+  d.root = ''
+  d.synthetic.cache_dir = str(tmp_path / 'cache')
+  root = pipeline.resolve_root(d)
+  assert root.startswith(str(tmp_path / 'cache'))
+  assert len(pipeline.load_tracks(d, 'validation', verbose=False)) == 2

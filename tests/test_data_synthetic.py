@@ -1,0 +1,158 @@
+"""The synthetic mini-Slakh: determinism, plausibility, cache behaviour."""
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from configs import rqvae
+from data import slakh
+from data import synthetic
+
+STEMS = ('bass', 'drums', 'guitar', 'piano')
+
+
+def config(cache_dir, seed=0):
+  d = rqvae.get_config('smoke').data
+  d.synthetic.cache_dir = str(cache_dir)
+  d.synthetic.seed = seed
+  return d
+
+
+def centroid(x, rate=22050):
+  power = np.abs(np.fft.rfft(x)) ** 2
+  return float((power * np.fft.rfftfreq(x.size, 1 / rate)).sum() / power.sum())
+
+
+def test_generate_track_is_deterministic():
+  d = rqvae.get_config('smoke').data
+  a = synthetic.generate_track(3, 1, 'train', d)
+  b = synthetic.generate_track(3, 1, 'train', d)
+  assert list(a) == list(STEMS)
+  for s in STEMS:
+    assert a[s].dtype == np.float32 and a[s].ndim == 1
+    np.testing.assert_array_equal(a[s], b[s])
+  c = synthetic.generate_track(4, 1, 'train', d)
+  other_split = synthetic.generate_track(3, 1, 'test', d)
+  assert not np.array_equal(a['piano'], c['piano']) or a['piano'].size != c['piano'].size
+  assert a['bass'].size != other_split['bass'].size or not np.array_equal(
+      a['bass'], other_split['bass'])
+
+
+# RMS per stem of smoke tracks 0..2 of the train split, seed 0, per generator version.
+GOLDEN = {1: ([0.07472, 0.09639, 0.05797, 0.0, 58145], [0.11566, 0.06231, 0.06923, 0.0, 54006],
+              [0.0439, 0.05831, 0.07798, 0.07346, 57827])}
+
+
+def test_generator_version_matches_output():
+  """Cached sets are keyed by GENERATOR_VERSION: changing the output must bump it.
+
+  If this fails after a deliberate change of the generator, bump
+  synthetic.GENERATOR_VERSION and record the new values here (tolerance covers BLAS
+  rounding differences between machines).
+  """
+  d = rqvae.get_config('smoke').data
+  golden = GOLDEN[synthetic.GENERATOR_VERSION]
+  for index, expected in enumerate(golden):
+    stems = synthetic.generate_track(0, index, 'train', d)
+    got = [float(np.sqrt(np.mean(stems[s].astype(np.float64) ** 2))) for s in STEMS]
+    np.testing.assert_allclose(got, expected[:4], rtol=2e-3, atol=1e-5)
+    assert stems['bass'].size == expected[4]
+
+
+def test_stems_are_plausible():
+  """Each stem non-trivial with a plausible level and spectral centroid; bass below piano."""
+  d = rqvae.get_config('paper').data
+  d.synthetic.min_seconds, d.synthetic.max_seconds = 12.0, 14.0
+  for index in range(4):
+    stems = synthetic.generate_track(0, index, 'validation', d)
+    n = stems['bass'].size
+    assert 12.0 * 22050 <= n <= 14.0 * 22050
+    assert all(x.size == n for x in stems.values())
+    rms = {s: float(np.sqrt(np.mean(x ** 2))) for s, x in stems.items()}
+    cen = {s: centroid(x) for s, x in stems.items()}
+    for s in STEMS:
+      assert 0.005 < rms[s] < 0.3, (index, s, rms[s])
+      assert np.isfinite(stems[s]).all()
+    assert 40 < cen['bass'] < 700, cen
+    assert 300 < cen['drums'] < 6000, cen
+    assert 150 < cen['guitar'] < 3000, cen
+    assert 200 < cen['piano'] < 3000, cen
+    assert cen['bass'] < cen['piano'], cen
+    # No stem and no mixture clips.
+    mix = sum(stems.values())
+    assert max(np.abs(x).max() for x in stems.values()) < 1.0
+    assert np.abs(mix).max() < 1.0
+
+
+def test_stems_drop_out():
+  """Stems fall silent for whole bars in some tracks (so the two-active-stems rule matters)."""
+  d = rqvae.get_config('paper').data
+  d.synthetic.min_seconds, d.synthetic.max_seconds = 20.0, 22.0
+  silent_bars = 0
+  for index in range(6):
+    stems, info = synthetic.generate_track_with_info(0, index, 'train', d)
+    bar = int(round(240.0 / info['tempo'] * 22050))
+    for s in STEMS:
+      bars = info['active_bars'][s]
+      silent_bars += bars.count(0)
+      for b, on in enumerate(bars[:-1]):
+        # Skip the release of the bar before and the humanised early onsets of the next.
+        seg = stems[s][b * bar + bar // 4:(b + 1) * bar - 1000]
+        if not on and seg.size and (b == 0 or not bars[b - 1]):
+          assert np.abs(seg).max() < 1e-3, (index, s, b)
+  assert silent_bars > 0
+
+
+def _digest(root):
+  h = hashlib.sha1()
+  for dirpath, _, files in sorted(os.walk(root)):
+    for f in sorted(files):
+      h.update(os.path.relpath(os.path.join(dirpath, f), root).encode())
+      with open(os.path.join(dirpath, f), 'rb') as fh:
+        h.update(fh.read())
+  return h.hexdigest()
+
+
+def test_ensure_synthetic_layout_bytes_and_reuse(tmp_path, monkeypatch):
+  d = config(tmp_path / 'a')
+  root = synthetic.ensure_synthetic(d)
+  assert root.startswith(str(tmp_path / 'a'))
+  for split, count in (('train', 4), ('validation', 2), ('test', 2)):
+    report = slakh.scan(root, split, d, verbose=False)
+    assert len(report.kept) == count and not report.dropped
+  info = sf.info(os.path.join(root, 'train', 'Track00001', 'bass.wav'))
+  assert (info.samplerate, info.channels, info.subtype) == (22050, 1, 'PCM_16')
+  assert json.load(open(os.path.join(root, 'synthetic.json')))['seed'] == 0
+  # The mixture of the written stems does not clip either.
+  track = slakh.scan(root, 'test', d, verbose=False).kept[0]
+  assert np.abs(slakh.load_track(track, STEMS).sum(1)).max() < 1.0
+  # Same seed, same bytes (in another cache folder); another seed, another folder.
+  assert _digest(synthetic.ensure_synthetic(config(tmp_path / 'b'))) == _digest(root)
+  other = synthetic.ensure_synthetic(config(tmp_path / 'a', seed=1))
+  assert other != root and _digest(other) != _digest(root)
+  # Reused, not regenerated.
+  monkeypatch.setattr(synthetic, 'write_synthetic', lambda *a, **k: pytest.fail('regenerated'))
+  assert synthetic.ensure_synthetic(d) == root
+
+
+def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
+  d = config(tmp_path)
+  calls = []
+
+  def flaky(job):
+    calls.append(job)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real(job)
+
+  real = synthetic._write_track
+  monkeypatch.setattr(synthetic, '_write_track', flaky)
+  with pytest.raises(KeyboardInterrupt):
+    synthetic.ensure_synthetic(d)
+  assert os.listdir(tmp_path) == []
+  monkeypatch.setattr(synthetic, '_write_track', real)
+  root = synthetic.ensure_synthetic(d)
+  assert len(slakh.scan(root, 'train', d, verbose=False).kept) == 4
