@@ -1,0 +1,133 @@
+"""Orbax checkpoints in a workdir: the last k by step, the best by validation SI-SDRi, the config.
+
+Layout of a workdir:
+  config.json          the run's full config (eval and separate read it)
+  checkpoints/<step>/  the last `keep` states (Orbax writes to a temporary folder and renames
+                       it when complete, so a run killed mid-save resumes from the previous one)
+  best/<step>/         the state with the best validation SI-SDRi so far
+"""
+import json
+import os
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = 'config.json'
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(config.to_json(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run saved; a clear error for an empty or foreign workdir."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{workdir!r} holds no rqvae-jax run ({CONFIG_FILE} is missing). Point --workdir at a '
+        'folder written by `python train.py --workdir DIR`.')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _flatten(d: Any, prefix: str = '') -> Dict[str, Any]:
+  if isinstance(d, (dict, ml_collections.ConfigDict)):
+    out = {}
+    for k in d.keys():
+      out.update(_flatten(d[k], f'{prefix}{k}.'))
+    return out
+  if isinstance(d, list):
+    d = tuple(d)
+  return {prefix[:-1]: d}
+
+
+def config_differences(saved: ml_collections.ConfigDict, given: ml_collections.ConfigDict,
+                       sections: Tuple[str, ...] = ('model',)) -> List[str]:
+  """Fields of `sections` whose values differ: 'model.channels: saved (..) != given (..)'."""
+  diffs = []
+  for section in sections:
+    a = _flatten(saved.get(section, {}), f'{section}.')
+    b = _flatten(given.get(section, {}), f'{section}.')
+    for key in sorted(set(a) | set(b)):
+      if a.get(key, '<missing>') != b.get(key, '<missing>'):
+        diffs.append(f'{key}: checkpoint has {a.get(key, "<missing>")!r}, '
+                     f'config has {b.get(key, "<missing>")!r}')
+  return diffs
+
+
+def check_config_matches(saved, given) -> None:
+  diffs = config_differences(saved, given)
+  if diffs:
+    raise ValueError('The config does not match the checkpoint\'s model:\n  ' + '\n  '.join(diffs)
+                     + '\nDrop --config to use the saved one, or fix these fields.')
+
+
+class Checkpointer:
+  """Saves/restores the train state: `checkpoints/` keeps the last k, `best/` the best one."""
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+    self.workdir = workdir
+    common = dict(enable_async_checkpointing=async_save, create=True)
+    self.latest = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), 'checkpoints'),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, **common))
+    self.best = ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), 'best'),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, best_fn=lambda m: m['val_sisdri'], best_mode='max',
+            keep_checkpoints_without_metrics=False, **common))
+
+  @staticmethod
+  def _args(state, meta):
+    return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+
+  def save(self, step: int, state, meta: Dict[str, Any]) -> None:
+    if step not in self.latest.all_steps():
+      self.latest.save(step, args=self._args(state, meta))
+
+  def save_if_best(self, step: int, state, meta: Dict[str, Any], val_sisdri: float) -> None:
+    self.best.save(step, args=self._args(state, meta), metrics={'val_sisdri': float(val_sisdri)})
+
+  def latest_step(self) -> Optional[int]:
+    return self.latest.latest_step()
+
+  def resolve(self, which: Union[str, int]) -> Tuple[ocp.CheckpointManager, int]:
+    """'latest', 'best' or a step number -> (manager, step), with clear errors."""
+    if which == 'best':
+      manager, step = self.best, self.best.best_step()
+      if step is None:  # no validation yet: fall back to the latest state
+        manager, step = self.latest, self.latest.latest_step()
+    elif which == 'latest':
+      manager, step = self.latest, self.latest.latest_step()
+    else:
+      step = int(which)
+      manager = self.latest if step in self.latest.all_steps() else self.best
+      if step not in manager.all_steps():
+        raise FileNotFoundError(
+            f'No checkpoint at step {step} in {self.workdir}; available: '
+            f'{sorted(set(self.latest.all_steps()) | set(self.best.all_steps()))}.')
+    if step is None:
+      raise FileNotFoundError(f'{self.workdir!r} has no checkpoint yet: train first '
+                              '(python train.py --workdir ...).')
+    return manager, step
+
+  def restore(self, which: Union[str, int], abstract_state):
+    """Returns (state, meta, step)."""
+    manager, step = self.resolve(which)
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return out.state, out.meta, step
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
+
+  def close(self) -> None:
+    self.latest.close()
+    self.best.close()

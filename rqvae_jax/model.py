@@ -1,0 +1,196 @@
+"""The RQ-VAE separator: Encoder -> ResidualVQ -> Decoder, with encoder-to-decoder skips.
+
+Public API (README: Library):
+  model = RQVAE(config.model)
+  variables = model.init({'params': rng, 'dropout': rng}, mixture, train=False)
+  stems, aux = model.apply(variables, mixture, train=True, rngs={'dropout': rng},
+                           mutable=['batch_stats', 'codebook_stats'])
+  codes = model.apply(variables, mixture, method=RQVAE.encode)
+  stems = model.apply(variables, codes, method=RQVAE.decode)
+
+`mixture` is raw mono audio (B, N) or (B, N, 1) in [-1, 1]; `stems` (B, N, S) on the same
+scale. Internally each stem is normalised as (stem - norm_offset) / norm_scale (the original's
+z-score of int16-scale audio), so the mixture enters as (mix - S * offset) / scale.
+"""
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rqvae_jax import blocks
+from rqvae_jax.lstm import BiLSTM
+from rqvae_jax.quantizer import ResidualVQ
+
+
+def normalize(audio, model_config):
+  """Raw stems -> the model's scale (the losses are computed on this scale)."""
+  return (audio - model_config.norm_offset) / model_config.norm_scale
+
+
+def denormalize(audio, model_config):
+  return audio * model_config.norm_scale + model_config.norm_offset
+
+
+def latent_length(num_samples: int, model_config) -> int:
+  """Number of latent frames for `num_samples` input samples (441 for 4 s in the paper)."""
+  length = num_samples
+  for k, s in zip(model_config.kernels, model_config.strides):
+    length = blocks.conv_out_length(length, k, s, model_config.padding)
+  return length
+
+
+def is_valid_length(num_samples: int, model_config) -> bool:
+  """True when the conv stack maps `num_samples` to frames and back to exactly that length."""
+  lengths = [num_samples]
+  for k, s in zip(model_config.kernels, model_config.strides):
+    nxt = blocks.conv_out_length(lengths[-1], k, s, model_config.padding)
+    if nxt < 1:
+      return False
+    lengths.append(nxt)
+  for (k, s), target in zip(reversed(list(zip(model_config.kernels, model_config.strides))),
+                            reversed(lengths[:-1])):
+    if blocks.conv_transpose_out_length(lengths[-1], k, s, model_config.padding) != target:
+      return False
+    lengths.append(target)
+  return True
+
+
+def next_valid_length(num_samples: int, model_config) -> int:
+  """Smallest length >= num_samples that the model maps back to itself (pad to it)."""
+  n = max(int(num_samples), 1)
+  while not is_valid_length(n, model_config):
+    n += 1
+  return n
+
+
+def check_mixture(mixture, model_config) -> None:
+  """Raises a ValueError naming the expected shape and the fix; runs on the shapes at trace
+  time, and on the values too when the input is concrete (NaN/inf cannot be checked in jit)."""
+  shape = tuple(mixture.shape)
+  if len(shape) == 3 and shape[-1] != model_config.in_channels:
+    raise ValueError(
+        f'RQVAE expects a mono mixture (B, N) or (B, N, {model_config.in_channels}); got {shape} '
+        f'with {shape[-1]} channels. Downmix to mono first (rqvae_jax.audio.load_audio does).')
+  if len(shape) not in (2, 3):
+    raise ValueError(f'RQVAE expects a mixture shaped (B, N) or (B, N, 1); got rank {len(shape)} '
+                     f'shape {shape}. Add a batch axis for a single clip: x[None].')
+  n = shape[1]
+  if not is_valid_length(n, model_config):
+    raise ValueError(
+        f'Length {n} does not map back to itself through the conv stack (kernels '
+        f'{tuple(model_config.kernels)}, strides {tuple(model_config.strides)}); pad the input '
+        f'to {next_valid_length(n, model_config)} samples (rqvae_jax.model.next_valid_length).')
+  if not isinstance(mixture, jax.core.Tracer):
+    values = np.asarray(mixture)
+    if not np.all(np.isfinite(values)):
+      raise ValueError(f'The mixture contains {int(np.sum(~np.isfinite(values)))} NaN/inf '
+                       'samples; clean or replace them (e.g. np.nan_to_num) before separating.')
+
+
+class Encoder(nn.Module):
+  """Conv blocks (keeping each block's output for the skips), then BiLSTM and a dense."""
+  config: Any
+
+  @nn.compact
+  def __call__(self, x, train: bool) -> Tuple[jax.Array, Sequence[jax.Array]]:
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    skips = []
+    for i, (ch, k, s) in enumerate(zip(c.channels, c.kernels, c.strides)):
+      x = blocks.EncoderBlock(ch, k, s, c.padding, c.dropout, c.prelu_init, c.bn_momentum,
+                              c.bn_epsilon, dtype, name=f'block{i + 1}')(x, train)
+      skips.append(x)
+    x = BiLSTM(c.channels[-1], c.lstm_layers, c.dropout, c.lstm_impl, dtype, name='lstm')(x, train)
+    x = nn.Dense(c.channels[-1], dtype=dtype, name='fc')(x)
+    return x, skips
+
+
+class Decoder(nn.Module):
+  """BiLSTM and dense, then transposed-conv blocks mirroring the encoder, adding the skips."""
+  config: Any
+
+  @nn.compact
+  def __call__(self, z, skips: Optional[Sequence[jax.Array]], train: bool) -> jax.Array:
+    c = self.config
+    dtype = jnp.dtype(c.dtype)
+    x = BiLSTM(c.channels[-1], c.lstm_layers, c.dropout, c.lstm_impl, dtype, name='lstm')(
+        z.astype(dtype), train)
+    x = nn.Dense(c.channels[-1], dtype=dtype, name='fc')(x)
+    num_blocks = len(c.channels)
+    out_channels = list(reversed(c.channels[:-1]))          # 128, 64, 32, 16
+    specs = list(reversed(list(zip(c.kernels, c.strides))))  # (4,2), (6,4), (7,5), (7,5), (3,1)
+    for i in range(num_blocks - 1):
+      if skips is not None:
+        x = x + skips[num_blocks - 1 - i].astype(dtype)
+      k, s = specs[i]
+      x = blocks.DecoderBlock(out_channels[i], k, s, c.padding, leading_norm=(i == 0),
+                              dropout=c.dropout, prelu_init=c.prelu_init,
+                              bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon, dtype=dtype,
+                              name=f'block{i + 1}')(x, train)
+    if skips is not None:
+      x = x + skips[0].astype(dtype)
+    k, s = specs[-1]
+    x = blocks.ConvTranspose(c.num_stems, k, s, c.padding, dtype, name='out')(x)
+    return x.astype(jnp.float32)
+
+
+class RQVAE(nn.Module):
+  """Mixture (B, N[, 1]) -> stems (B, N, S), plus the quantizer's aux dict (codes, losses)."""
+  config: Any
+
+  def setup(self):
+    c = self.config
+    self.encoder = Encoder(c)
+    self.quantizer = ResidualVQ(c.quantizer.num_quantizers, c.quantizer.codebook_size,
+                                c.channels[-1], c.quantizer.usage_decay,
+                                c.quantizer.distance_dtype)
+    self.decoder = Decoder(c)
+
+  def _prepare(self, mixture):
+    check_mixture(mixture, self.config)
+    if mixture.ndim == 2:
+      mixture = mixture[..., None]
+    c = self.config
+    x = (mixture.astype(jnp.float32) - c.num_stems * c.norm_offset) / c.norm_scale
+    return x.astype(jnp.dtype(c.dtype))
+
+  def encode_frames(self, mixture, train: bool = False):
+    """Unquantized encoder output z_e (B, T, D) and the skips; k-means runs on z_e."""
+    return self.encoder(self._prepare(mixture), train)
+
+  def __call__(self, mixture, train: bool = False) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+    z_e, skips = self.encode_frames(mixture, train)
+    z_q, aux = self.quantizer(z_e, train)
+    out = self.decoder(z_q, skips if self.config.skip_connections else None, train)
+    return denormalize(out, self.config), aux
+
+  def encode(self, mixture) -> jax.Array:
+    """Codes (B, T, Q) int32 of a mixture (eval mode)."""
+    z_e, _ = self.encode_frames(mixture, False)
+    return self.quantizer(z_e, False)[1]['codes']
+
+  def decode(self, codes, skips: Optional[Sequence[jax.Array]] = None) -> jax.Array:
+    """Stems from codes (eval mode).
+
+    With skip connections on (the paper's model) the decoder also adds the encoder's block
+    outputs; codes alone do not carry them, so `skips=None` decodes with zero skips: that is
+    the quantized path's contribution only, not the full separation (pass the skips from
+    `encode_frames` to reproduce `__call__`). With skips off, codes are the whole story.
+    """
+    z_q = self.quantizer.lookup(codes)
+    if self.config.skip_connections and skips is None:
+      length = codes.shape[1]
+      skips = self._zero_skips(codes.shape[0], length)
+    elif not self.config.skip_connections:
+      skips = None
+    return denormalize(self.decoder(z_q, skips, False), self.config)
+
+  def _zero_skips(self, batch: int, length: int):
+    c = self.config
+    lengths = [length]
+    for k, s in reversed(list(zip(c.kernels, c.strides))[1:]):
+      lengths.append(blocks.conv_transpose_out_length(lengths[-1], k, s, c.padding))
+    lengths = list(reversed(lengths))                 # block1 .. block5 lengths
+    return [jnp.zeros((batch, n, ch), jnp.dtype(c.dtype)) for n, ch in zip(lengths, c.channels)]

@@ -1,0 +1,414 @@
+"""Training: one explicit state pytree, a pure jitted `train_step`, and `train_and_evaluate`.
+
+The state holds everything a resumed run needs (params, BatchNorm statistics, codebook usage,
+optimiser state, the EMA of the codebooks, the rng, the step and the plateau schedule), so a
+run restarted from a checkpoint continues bit for bit: the data stream is a function of
+(seed, step, process) and the step is a pure function of (state, batch).
+"""
+import functools
+import hashlib
+import json
+import math
+import sys
+import time
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from rqvae_jax import checkpoints as ckpt_lib
+from rqvae_jax import losses
+from rqvae_jax import metrics as metrics_lib
+from rqvae_jax import parallel
+from rqvae_jax import quantizer as qz
+from rqvae_jax.model import RQVAE, normalize
+
+MUTABLE = ['batch_stats', qz.STATS]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  codebook_stats: Any
+  opt_state: Any
+  codebook_ema: jax.Array        # EMA of params['quantizer']['codebooks'], used to validate
+  rng: jax.Array
+  lr_scale: jax.Array            # plateau schedule: multiplied by plateau_factor on a plateau
+  last_val: jax.Array            # validation SI-SDRi at the previous evaluation
+  best_val: jax.Array
+  bad_evals: jax.Array           # consecutive evaluations without improvement (early stop)
+  nan_skips: jax.Array           # updates skipped because the loss or a gradient was not finite
+
+  def variables(self, use_ema: bool = False) -> Dict[str, Any]:
+    """The model's variables; with `use_ema` the codebooks are their EMA (for validation)."""
+    params = self.params
+    if use_ema:
+      params = {**params, 'quantizer': {**params['quantizer'], 'codebooks': self.codebook_ema}}
+    return {'params': params, 'batch_stats': self.batch_stats, qz.STATS: self.codebook_stats}
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam's direction (with optional clipping and decoupled weight decay); the learning rate
+  is applied in the step from the state's schedule, so the plateau rule can change it."""
+  if optim.optimizer not in ('adam', 'adamw'):
+    raise ValueError(f"optim.optimizer must be 'adam' or 'adamw', got {optim.optimizer!r}.")
+  parts = []
+  if optim.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
+  parts.append(optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps))
+  if optim.weight_decay:
+    parts.append(optax.add_decayed_weights(optim.weight_decay))
+  return optax.chain(*parts)
+
+
+def learning_rate(step, lr_scale, optim: ml_collections.ConfigDict):
+  warmup = jnp.minimum(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
+  return optim.lr * lr_scale * warmup
+
+
+def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
+  model = RQVAE(config.model)
+  init_rng, state_rng = jax.random.split(rng)
+  dummy = jnp.zeros((1, config.data.segment_samples), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))({'params': init_rng}, dummy)
+  params = variables['params']
+  f32 = lambda v: jnp.asarray(v, jnp.float32)
+  return TrainState(
+      step=jnp.asarray(0, jnp.int32), params=params, batch_stats=variables['batch_stats'],
+      codebook_stats=variables[qz.STATS], opt_state=make_optimizer(config.optim).init(params),
+      codebook_ema=jnp.copy(params['quantizer']['codebooks']), rng=state_rng, lr_scale=f32(1.0),
+      last_val=f32(-jnp.inf), best_val=f32(-jnp.inf), bad_evals=jnp.asarray(0, jnp.int32),
+      nan_skips=jnp.asarray(0, jnp.int32))
+
+
+def codebook_summaries(counts, usage, threshold) -> Dict[str, jax.Array]:
+  return {'perplexity': metrics_lib.perplexity(counts), 'used_codes': metrics_lib.used_codes(counts),
+          'dead_codes': metrics_lib.dead_codes(usage, threshold)}
+
+
+def train_step(state: TrainState, batch: jax.Array, *, config: ml_collections.ConfigDict,
+               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+  """One update on a batch of stems (B, N, S): forward, loss parts, grads, Adam, usage EMA,
+  dead-code restart every `restart_every` steps, codebook EMA, and a NaN/inf guard that
+  keeps the old state (and counts the skip) instead of poisoning it."""
+  model = RQVAE(config.model)
+  qcfg = config.model.quantizer
+  rng, dropout_rng, restart_rng = jax.random.split(state.rng, 3)
+  mixture = jnp.sum(batch, axis=-1)
+  target = normalize(batch, config.model)
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats,
+                 qz.STATS: state.codebook_stats}
+    (estimate, aux), new_vars = model.apply(variables, mixture, train=True,
+                                            rngs={'dropout': dropout_rng}, mutable=MUTABLE)
+    loss, parts = losses.total_loss(target, normalize(estimate, config.model), aux, config.loss,
+                                    config.data.sample_rate)
+    return loss, (parts, new_vars, aux)
+
+  (loss, (parts, new_vars, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.global_norm(grads)
+  lr = learning_rate(state.step, state.lr_scale, config.optim)
+  updates, opt_state = make_optimizer(config.optim).update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, jax.tree_util.tree_map(lambda u: -lr * u, updates))
+
+  codebooks = params['quantizer']['codebooks']
+  usage = new_vars[qz.STATS]['quantizer']['usage']
+  ema = qcfg.codebook_ema_decay * state.codebook_ema + (1 - qcfg.codebook_ema_decay) * codebooks
+
+  def restart(args):
+    codebooks, usage, ema = args
+    new_cb, new_usage, dead = qz.restart_dead_codes(codebooks, usage, aux['residuals'],
+                                                    restart_rng, qcfg.dead_threshold)
+    return new_cb, new_usage, jnp.where(dead[..., None], new_cb, ema), jnp.sum(dead, axis=-1)
+
+  def keep(args):
+    return (*args, jnp.zeros((qcfg.num_quantizers,), jnp.int32))
+
+  do_restart = (qcfg.restart_every > 0) & ((state.step + 1) % max(qcfg.restart_every, 1) == 0)
+  codebooks, usage, ema, restarted = jax.lax.cond(do_restart, restart, keep,
+                                                  (codebooks, usage, ema))
+  params = {**params, 'quantizer': {**params['quantizer'], 'codebooks': codebooks}}
+  codebook_stats = {'quantizer': {'usage': usage}}
+
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=pick(params, state.params),
+      batch_stats=pick(new_vars['batch_stats'], state.batch_stats),
+      codebook_stats=pick(codebook_stats, state.codebook_stats),
+      opt_state=pick(opt_state, state.opt_state),
+      codebook_ema=pick(ema, state.codebook_ema),
+      rng=rng,
+      nan_skips=state.nan_skips + (~finite).astype(jnp.int32))
+  out = {**{f'loss/{k}': v for k, v in parts.items()}, 'grad_norm': grad_norm, 'lr': lr,
+         'skipped': (~finite).astype(jnp.float32),
+         'restarted_codes': jnp.where(finite, restarted, 0)}
+  out.update(codebook_summaries(aux['counts'], new_state.codebook_stats['quantizer']['usage'],
+                                qcfg.dead_threshold))
+  return new_state, out
+
+
+def eval_step(state: TrainState, batch: jax.Array, *, config: ml_collections.ConfigDict,
+              ) -> Dict[str, jax.Array]:
+  """Validation on stems (B, N, S) with the EMA codebooks: estimates, loss, SI-SDRi per stem."""
+  model = RQVAE(config.model)
+  mixture = jnp.sum(batch, axis=-1)
+  estimate, aux = model.apply(state.variables(use_ema=True), mixture, train=False)
+  loss, _ = losses.total_loss(normalize(batch, config.model), normalize(estimate, config.model),
+                              aux, config.loss, config.data.sample_rate)
+  return {'estimate': estimate, 'loss': loss,
+          'sisdri': metrics_lib.si_sdr_improvement(batch, estimate, mixture),
+          'active': metrics_lib.active_stem_mask(batch, config.data.silence_threshold),
+          'counts': aux['counts']}
+
+
+def kmeans_initialize(state: TrainState, mixtures: np.ndarray,
+                      config: ml_collections.ConfigDict) -> TrainState:
+  """Codebooks from k-means on encoder frames of training mixtures (B, N) (the paper's init)."""
+  qcfg = config.model.quantizer
+  if qcfg.kmeans_stages == 'none':
+    return state
+  model = RQVAE(config.model)
+  encode = jax.jit(lambda v, x: model.apply(v, x, method=RQVAE.encode_frames)[0])
+  frames = np.concatenate([np.asarray(encode(state.variables(), mixtures[i:i + 4]))
+                           for i in range(0, len(mixtures), 4)])
+  frames = frames.reshape(-1, frames.shape[-1])
+  rng, key = jax.random.split(state.rng)
+  codebooks = qz.kmeans_init_codebooks(state.params['quantizer']['codebooks'], frames, key,
+                                       stages=qcfg.kmeans_stages, num_iters=qcfg.kmeans_iters,
+                                       seeding=qcfg.kmeans_seeding)
+  params = {**state.params, 'quantizer': {**state.params['quantizer'], 'codebooks': codebooks}}
+  return state.replace(params=params, codebook_ema=jnp.copy(codebooks), rng=rng,
+                       opt_state=make_optimizer(config.optim).init(params))
+
+
+def plateau_update(state: TrainState, val_sisdri: float, optim: ml_collections.ConfigDict
+                   ) -> TrainState:
+  """The original's schedule: halve the lr when validation SI-SDRi improved by < min_delta
+  since the previous evaluation; count evaluations without a new best for early stopping."""
+  improved = val_sisdri - float(state.last_val) >= optim.plateau_min_delta
+  new_best = val_sisdri > float(state.best_val)
+  return state.replace(
+      lr_scale=jnp.asarray(float(state.lr_scale) * (1.0 if improved else optim.plateau_factor),
+                           jnp.float32),
+      last_val=jnp.asarray(val_sisdri, jnp.float32),
+      best_val=jnp.asarray(max(val_sisdri, float(state.best_val)), jnp.float32),
+      bad_evals=jnp.asarray(0 if new_best else int(state.bad_evals) + 1, jnp.int32))
+
+
+class Progress:
+  """Console progress: step, loss, steps/s, audio-seconds/s and ETA, every `every` steps."""
+
+  def __init__(self, total: int, start: int, audio_seconds_per_step: float):
+    self.total, self.start, self.audio = total, start, audio_seconds_per_step
+    self.t0, self.last_t, self.last_step = time.time(), time.time(), start
+
+  def rates(self, step: int) -> Tuple[float, float]:
+    now = time.time()
+    rate = (step - self.last_step) / max(now - self.last_t, 1e-9)
+    self.last_t, self.last_step = now, step
+    return rate, rate * self.audio
+
+  def line(self, step: int, loss: float, rate: float) -> str:
+    eta = (self.total - step) / rate if rate > 0 else float('inf')
+    eta_s = time.strftime('%H:%M:%S', time.gmtime(eta)) if math.isfinite(eta) else '?'
+    return (f'step {step}/{self.total}  loss {loss:.4f}  {rate:.2f} steps/s  '
+            f'{rate * self.audio:.1f} audio-s/s  ETA {eta_s}')
+
+
+def _mean_metrics(history: List[Dict[str, jax.Array]]) -> Dict[str, np.ndarray]:
+  stacked = jax.device_get(history)
+  return {k: np.mean([h[k] for h in stacked], axis=0) for k in stacked[0]}
+
+
+def _scalars(prefix: str, values: Dict[str, np.ndarray], num_quantizers: int) -> Dict[str, float]:
+  out = {}
+  for k, v in values.items():
+    v = np.asarray(v)
+    if v.ndim == 0:
+      out[f'{prefix}{k}'] = float(v)
+    else:
+      for i, x in enumerate(v):
+        out[f'{prefix}{k}/stage{i:02d}'] = float(x)
+  return out
+
+
+def validate(state: TrainState, p_eval_step, val_batches: List[np.ndarray], mesh,
+             config: ml_collections.ConfigDict) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
+  """Mean validation loss and SI-SDRi per stem (over non-silent reference stems), plus the
+  first batch's audio for the summaries."""
+  stems = config.data.stems
+  total, counted, losses_, first = np.zeros(len(stems)), np.zeros(len(stems)), [], None
+  for batch in val_batches:
+    out = p_eval_step(state, parallel.shard_batch(batch, mesh))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      out = multihost_utils.process_allgather(out, tiled=True)
+    out = jax.device_get(out)
+    active = np.asarray(out['active'], bool)
+    total += np.where(active, out['sisdri'], 0).sum(0)
+    counted += active.sum(0)
+    losses_.append(float(out['loss']))
+    if first is None:
+      first = {'stems': batch, 'estimate': np.asarray(out['estimate'])}
+  per_stem = total / np.maximum(counted, 1)
+  result = {'val/loss': float(np.mean(losses_)),
+            'val/sisdri_mean': float(np.mean(per_stem[counted > 0])) if counted.any() else 0.0}
+  result.update({f'val/sisdri_{name}': float(v) for name, v in zip(stems, per_stem)})
+  return result, first
+
+
+def _write_examples(writer, step: int, example: Dict[str, np.ndarray], config) -> None:
+  from rqvae_jax import summaries
+  n = min(config.num_audio_examples, example['stems'].shape[0])
+  sr = config.data.sample_rate
+  audios, images = {}, {}
+  for i in range(n):
+    true, est = example['stems'][i], example['estimate'][i]
+    audios[f'example{i}/mixture'] = true.sum(-1)[None, :, None]
+    for s, name in enumerate(config.data.stems):
+      audios[f'example{i}/{name}_true'] = true[None, :, s:s + 1]
+      audios[f'example{i}/{name}_separated'] = est[None, :, s:s + 1]
+    images[f'example{i}/spectrograms_true'] = summaries.stems_image(true)[None]
+    images[f'example{i}/spectrograms_separated'] = summaries.stems_image(est)[None]
+  writer.write_audios(step, {k: np.clip(v, -1, 1).astype(np.float32) for k, v in audios.items()},
+                      sample_rate=sr)
+  writer.write_images(step, images)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (resuming from the workdir's latest checkpoint), validates, logs and checkpoints."""
+  from clu import metric_writers
+  from data import pipeline, slakh, windows
+
+  mesh = parallel.make_mesh()
+  local_batch = parallel.check_batch_size(config.batch_size, mesh)
+  is_main = jax.process_index() == 0
+
+  # Config: a workdir belongs to one model; a different model config is an error.
+  try:
+    saved = ckpt_lib.load_config(workdir)
+    ckpt_lib.check_config_matches(saved, config)
+  except FileNotFoundError:
+    pass
+  if is_main:
+    ckpt_lib.save_config(workdir, config)
+
+  root = pipeline.resolve_root(config.data)
+  train_tracks = slakh.scan(root, 'train', config.data, verbose=is_main).kept
+  val_tracks = slakh.scan(root, 'validation', config.data, verbose=is_main).kept
+  val_batches = validation_batches(val_tracks, config, local_batch)
+
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  state = create_train_state(config, jax.random.PRNGKey(config.seed))
+  start = checkpointer.latest_step()
+  if start is not None:
+    state, _, start = checkpointer.restore('latest', state)
+    print(f'Resumed from {workdir} at step {start}.', file=sys.stderr)
+  else:
+    start = 0
+    qcfg = config.model.quantizer
+    if qcfg.kmeans_stages != 'none':
+      t = time.time()
+      kstream = pipeline.train_batches(config.data, train_tracks, qcfg.kmeans_examples,
+                                       seed=config.seed + 7919, start_step=0)
+      state = kmeans_initialize(state, next(kstream).sum(-1), config)
+      print(f'k-means init of codebooks ({qcfg.kmeans_stages}) from {qcfg.kmeans_examples} '
+            f'mixtures in {time.time() - t:.1f} s.', file=sys.stderr)
+
+  repl = parallel.replicated(mesh)
+  state = jax.device_put(state, repl)
+  p_train_step = jax.jit(functools.partial(train_step, config=config),
+                         in_shardings=(repl, parallel.data_sharded(mesh)),
+                         out_shardings=(repl, repl), donate_argnums=(0,))
+  p_eval_step = jax.jit(functools.partial(eval_step, config=config))
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  if start == 0:
+    writer.write_hparams({k: v for k, v in _flatten_config(config).items()})
+  stream = pipeline.train_batches(config.data, train_tracks, local_batch, seed=config.seed,
+                                  start_step=start, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  batches = parallel.prefetch_to_mesh(stream, mesh, size=config.data.prefetch_batches)
+  audio_seconds = config.batch_size * config.data.segment_samples / config.data.sample_rate
+  progress = Progress(config.num_train_steps, start, audio_seconds)
+  history: List[Dict[str, jax.Array]] = []
+  qn = config.model.quantizer.num_quantizers
+
+  for step in range(start + 1, config.num_train_steps + 1):
+    state, step_metrics = p_train_step(state, next(batches))
+    history.append(step_metrics)
+    if step % config.log_every_steps == 0 or step == config.num_train_steps:
+      means = _mean_metrics(history)
+      history = []
+      rate, audio_rate = progress.rates(step)
+      scalars = _scalars('train/', means, qn)
+      scalars.update({'train/steps_per_s': rate, 'train/audio_s_per_s': audio_rate,
+                      'train/nan_skips_total': float(jax.device_get(state.nan_skips))})
+      writer.write_scalars(step, scalars)
+      if is_main:
+        print(progress.line(step, float(means['loss/total']), rate), file=sys.stderr, flush=True)
+    last = step == config.num_train_steps
+    if step % config.eval_every_steps == 0 or last:
+      val, example = validate(state, p_eval_step, val_batches, mesh, config)
+      state = plateau_update(state, val['val/sisdri_mean'], config.optim)
+      val['val/lr_scale'] = float(state.lr_scale)
+      writer.write_scalars(step, val)
+      if is_main:
+        _write_examples(writer, step, example, config)
+        print('  '.join(f'{k} {v:.3f}' for k, v in val.items()), file=sys.stderr, flush=True)
+      checkpointer.save_if_best(step, state, _meta(step, config, val), val['val/sisdri_mean'])
+      stop = (config.optim.early_stop_patience
+              and int(state.bad_evals) >= config.optim.early_stop_patience)
+      if stop:
+        print(f'Early stopping at step {step}: no better validation SI-SDRi in '
+              f'{config.optim.early_stop_patience} evaluations.', file=sys.stderr)
+    else:
+      stop = False
+    if step % config.checkpoint_every_steps == 0 or last or stop:
+      checkpointer.save(step, state, _meta(step, config))
+    if stop:
+      break
+  writer.flush()
+  checkpointer.wait()
+  checkpointer.close()
+  return state
+
+
+def _meta(step: int, config, val: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+  return {'step': int(step), 'config_hash': config_hash(config), 'variant': config.variant,
+          'val': val or {}}
+
+
+def _flatten_config(config) -> Dict[str, Any]:
+  flat = ckpt_lib._flatten(config.to_dict())
+  return {k: (str(v) if isinstance(v, (tuple, list)) else v) for k, v in flat.items()}
+
+
+def validation_batches(tracks, config: ml_collections.ConfigDict, batch_size: int
+                       ) -> List[np.ndarray]:
+  """A fixed validation subset: the first windows of the evaluation protocol, as batches."""
+  from data import windows as windows_lib, pipeline
+  ev = windows_lib.eval_windows(tracks, config.data)
+  wanted = config.num_eval_batches * batch_size * jax.process_count()
+  picked = ev.windows[:wanted][jax.process_index()::jax.process_count()]
+  if not picked:
+    raise ValueError('The validation split has no window with two active stems; check the data.')
+  arrays = [pipeline.load_stems(tracks[t], start, config.data.eval_window_samples,
+                                config.data.stems) for t, start in picked]
+  while len(arrays) % batch_size:
+    arrays.append(arrays[len(arrays) % len(picked)])
+  stacked = np.stack(arrays).astype(np.float32)
+  return [stacked[i:i + batch_size] for i in range(0, len(stacked), batch_size)]

@@ -1,0 +1,116 @@
+"""RQVAE: shapes, the published parameter count, collections, encode/decode, bad input."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.rqvae import get_config
+from rqvae_jax import model as model_lib
+from rqvae_jax.lstm import lstm_param_count
+from rqvae_jax.model import RQVAE
+
+SMOKE_N = 10000
+
+
+def _count(tree):
+  return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(tree)))
+
+
+@pytest.fixture(scope='module')
+def smoke():
+  cfg = get_config('smoke').model
+  model = RQVAE(cfg)
+  x = 0.1 * jax.random.normal(jax.random.PRNGKey(0), (2, SMOKE_N))
+  variables = jax.jit(lambda x: model.init({'params': jax.random.PRNGKey(1)}, x))(x)
+  return cfg, model, variables, x
+
+
+def test_paper_config_parameter_count_and_shapes():
+  cfg = get_config('paper').model
+  model = RQVAE(cfg)
+  x = jax.ShapeDtypeStruct((2, 88200), jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init({'params': jax.random.PRNGKey(0)}, x), x)
+  # PyTorch's count of the original model, both LSTM bias vectors included.
+  assert _count(variables['params']) == 19_052_086
+  assert _count(variables['params']['encoder']['lstm']) == lstm_param_count(256, 256, 2)
+  assert variables['params']['quantizer']['codebooks'].shape == (12, 4096, 256)
+  assert variables['codebook_stats']['quantizer']['usage'].shape == (12, 4096)
+  (stems, aux), _ = jax.eval_shape(
+      lambda v, x: model.apply(v, x, train=True, rngs={'dropout': jax.random.PRNGKey(0)},
+                               mutable=['batch_stats', 'codebook_stats']), variables, x)
+  assert stems.shape == (2, 88200, 4)
+  assert aux['codes'].shape == (2, 441, 12) and aux['codes'].dtype == jnp.int32
+  assert model_lib.latent_length(88200, cfg) == 441
+
+
+def test_smoke_apply_updates_collections_under_jit(smoke):
+  cfg, model, variables, x = smoke
+
+  @jax.jit
+  def step(variables, x, rng):
+    return model.apply(variables, x, train=True, rngs={'dropout': rng},
+                       mutable=['batch_stats', 'codebook_stats'])
+
+  (stems, aux), updated = step(variables, x, jax.random.PRNGKey(2))
+  assert stems.shape == (2, SMOKE_N, cfg.num_stems) and np.all(np.isfinite(stems))
+  assert set(updated) == {'batch_stats', 'codebook_stats'}
+  old_mean = variables['batch_stats']['encoder']['block1']['BatchNorm_0']['BatchNorm_0']['mean']
+  new_mean = updated['batch_stats']['encoder']['block1']['BatchNorm_0']['BatchNorm_0']['mean']
+  assert not np.allclose(old_mean, new_mean)
+  usage = updated['codebook_stats']['quantizer']['usage']
+  frames = 2 * model_lib.latent_length(SMOKE_N, cfg)
+  # usage <- decay * (0 + counts): each stage assigned every frame once.
+  np.testing.assert_allclose(np.sum(usage, axis=1), cfg.quantizer.usage_decay * frames, rtol=1e-5)
+  # Eval mode is deterministic and leaves the statistics alone.
+  a = model.apply(variables, x, train=False)[0]
+  b = model.apply(variables, x[..., None], train=False)[0]
+  np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_encode_decode_round_trip(smoke):
+  cfg, model, variables, x = smoke
+  codes = model.apply(variables, x, method=RQVAE.encode)
+  assert codes.shape == (2, model_lib.latent_length(SMOKE_N, cfg), cfg.quantizer.num_quantizers)
+  full = model.apply(variables, x, train=False)[0]
+  _, skips = model.apply(variables, x, method=RQVAE.encode_frames)
+  np.testing.assert_allclose(model.apply(variables, codes, skips, method=RQVAE.decode), full,
+                             rtol=1e-4, atol=1e-5)
+  zero_skip = model.apply(variables, codes, method=RQVAE.decode)
+  assert zero_skip.shape == full.shape and not np.allclose(zero_skip, full)
+  # Without skips, the codes alone reproduce the separation.
+  cfg_ns = get_config('smoke').model
+  cfg_ns.skip_connections = False
+  model_ns = RQVAE(cfg_ns)
+  v = model_ns.init({'params': jax.random.PRNGKey(1)}, x)
+  np.testing.assert_allclose(
+      model_ns.apply(v, model_ns.apply(v, x, method=RQVAE.encode), method=RQVAE.decode),
+      model_ns.apply(v, x)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_normalisation_round_trip_and_scale():
+  cfg = get_config().model
+  x = np.linspace(-1, 1, 7)
+  np.testing.assert_allclose(model_lib.denormalize(model_lib.normalize(x, cfg), cfg), x, atol=1e-12)
+  # The original's z-score of int16-scale samples: (32768 x - 122.759) / 2359.9309.
+  np.testing.assert_allclose(model_lib.normalize(x, cfg), (32768 * x - 122.759) / 2359.9309,
+                             rtol=1e-9)
+
+
+def test_valid_lengths():
+  cfg = get_config().model
+  assert model_lib.is_valid_length(88200, cfg)
+  assert not model_lib.is_valid_length(88199, cfg)
+  assert model_lib.next_valid_length(88001, cfg) == 88200
+  assert model_lib.next_valid_length(1, cfg) == 200
+
+
+def test_bad_inputs_raise_clear_errors(smoke):
+  _, model, variables, x = smoke
+  with pytest.raises(ValueError, match=r'rank 1'):
+    model.apply(variables, x[0])
+  with pytest.raises(ValueError, match=r'2 channels.*Downmix'):
+    model.apply(variables, jnp.stack([x, x], -1))
+  with pytest.raises(ValueError, match=r'pad the input to 10200'):
+    model.apply(variables, jnp.pad(x, ((0, 0), (0, 1))))
+  with pytest.raises(ValueError, match='NaN'):
+    model.apply(variables, x.at[0, 5].set(jnp.nan))

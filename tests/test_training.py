@@ -1,0 +1,175 @@
+"""Training: the step lowers the loss, skips NaN batches, resumes bit-exactly, data-parallel."""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.rqvae import get_config
+from rqvae_jax import checkpoints as ckpt_lib
+from rqvae_jax import training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def smoke_config(tmp_path, **overrides):
+  cfg = get_config('smoke')
+  cfg.data.synthetic.cache_dir = str(tmp_path / 'synthetic')
+  for key, value in overrides.items():
+    node = cfg
+    *path, last = key.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return cfg
+
+
+def _batch(cfg, seed=0):
+  rng = np.random.default_rng(seed)
+  t = np.arange(cfg.data.segment_samples) / cfg.data.sample_rate
+  freqs = np.array([55.0, 200.0, 330.0, 520.0])
+  stems = 0.2 * np.sin(2 * np.pi * freqs * t[:, None] + rng.uniform(0, 6, size=(2, 1, 4)))
+  return jnp.asarray(stems + 0.01 * rng.normal(size=stems.shape), jnp.float32)
+
+
+@pytest.fixture(scope='module')
+def step_fn():
+  cfg = get_config('smoke')
+  cfg.model.quantizer.restart_every = 3
+  return cfg, jax.jit(functools.partial(training.train_step, config=cfg))
+
+
+def test_steps_lower_the_loss_and_restart_codes(step_fn):
+  cfg, step = step_fn
+  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  batch = _batch(cfg)
+  losses, restarted = [], []
+  for _ in range(8):
+    state, m = step(state, batch)
+    losses.append(float(m['loss/total']))
+    restarted.append(int(np.sum(m['restarted_codes'])))
+  assert losses[-1] < 0.95 * losses[0], losses
+  assert sum(b < a for a, b in zip(losses, losses[1:])) >= 6, losses
+  assert int(state.step) == 8 and int(state.nan_skips) == 0
+  # Restarts happen on steps 3 and 6 only (restart_every=3), and some codes were dead.
+  assert [i + 1 for i, r in enumerate(restarted) if r] and all(
+      r == 0 for i, r in enumerate(restarted) if (i + 1) % 3)
+  assert m['perplexity'].shape == (cfg.model.quantizer.num_quantizers,)
+
+
+def test_nan_batch_is_skipped_and_counted(step_fn):
+  cfg, step = step_fn
+  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  state, _ = step(state, _batch(cfg))
+  before = jax.device_get(state)
+  bad = _batch(cfg).at[0, 10, 1].set(jnp.nan)
+  state, m = step(state, bad)
+  assert float(m['skipped']) == 1.0 and int(state.nan_skips) == 1 and int(state.step) == 2
+  for a, b in zip(jax.tree_util.tree_leaves(before.params), jax.tree_util.tree_leaves(state.params)):
+    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(before.codebook_stats['quantizer']['usage'],
+                                state.codebook_stats['quantizer']['usage'])
+  state, m = step(state, _batch(cfg, 1))   # training goes on after the bad batch
+  assert float(m['skipped']) == 0.0 and np.isfinite(float(m['loss/total']))
+
+
+def test_plateau_halves_lr_and_counts_bad_evals():
+  cfg = get_config('smoke')
+  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  state = training.plateau_update(state, 3.0, cfg.optim)    # first evaluation: improved from -inf
+  assert float(state.lr_scale) == 1.0
+  state = training.plateau_update(state, 3.04, cfg.optim)   # +0.04 dB < 0.05: halve
+  assert float(state.lr_scale) == 0.5 and int(state.bad_evals) == 0
+  state = training.plateau_update(state, 2.0, cfg.optim)
+  assert float(state.lr_scale) == 0.25 and int(state.bad_evals) == 1
+  assert float(state.best_val) == pytest.approx(3.04)
+
+
+def _params(workdir):
+  cfg = ckpt_lib.load_config(workdir)
+  abstract = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  state, meta, step = ckpt_lib.Checkpointer(workdir).restore('latest', abstract)
+  return state, meta, step
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+  full = tmp_path / 'full'
+  part = tmp_path / 'part'
+  cfg = smoke_config(tmp_path)
+  training.train_and_evaluate(cfg, str(full))
+  cfg_half = smoke_config(tmp_path, num_train_steps=2)
+  training.train_and_evaluate(cfg_half, str(part))
+  assert ckpt_lib.Checkpointer(str(part)).latest_step() == 2
+  training.train_and_evaluate(cfg, str(part))      # resumes at 2, finishes at 4
+  a, meta_a, step_a = _params(str(full))
+  b, _, step_b = _params(str(part))
+  assert step_a == step_b == 4 and meta_a['config_hash']
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_allclose(np.asarray(x, np.float64), np.asarray(y, np.float64), atol=1e-6)
+  # TensorBoard events and the config are in the workdir; the best checkpoint exists.
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(full))
+  assert json.load(open(full / 'config.json'))['variant'] == 'smoke'
+  assert ckpt_lib.Checkpointer(str(full)).resolve('best')[1] in (2, 4)
+
+
+def test_config_mismatch_names_fields(tmp_path):
+  cfg = smoke_config(tmp_path)
+  ckpt_lib.save_config(str(tmp_path / 'w'), cfg)
+  other = smoke_config(tmp_path)
+  other.model.channels = (4, 8, 8, 16, 32)
+  other.model.quantizer.codebook_size = 64
+  with pytest.raises(ValueError, match=r'model\.channels.*\n.*model\.quantizer\.codebook_size'):
+    training.train_and_evaluate(other, str(tmp_path / 'w'))
+
+
+def test_train_cli_rejects_unknown_override(tmp_path):
+  out = subprocess.run([sys.executable, 'train.py', '--config', 'configs/rqvae.py:smoke',
+                        '--workdir', str(tmp_path), '--config.optim.learning_rate=1'],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert 'learning_rate' in out.stderr
+
+
+_TWO_DEVICES = r'''
+import functools, json, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, {repo!r})
+from configs.rqvae import get_config
+from rqvae_jax import parallel, training
+cfg = get_config('smoke')
+cfg.batch_size = 4
+rng = np.random.default_rng(0)
+batch = (0.1 * rng.normal(size=(4, cfg.data.segment_samples, 4))).astype(np.float32)
+mesh = parallel.make_mesh()
+repl = parallel.replicated(mesh)
+state = jax.device_put(training.create_train_state(cfg, jax.random.PRNGKey(0)), repl)
+step = jax.jit(functools.partial(training.train_step, config=cfg),
+               in_shardings=(repl, parallel.data_sharded(mesh)), out_shardings=(repl, repl))
+for _ in range(2):
+  state, m = step(state, parallel.shard_batch(batch, mesh))
+leaves = [np.asarray(x, np.float64).ravel() for x in jax.tree_util.tree_leaves(state.params)]
+np.save({out!r}, np.concatenate(leaves))
+print(json.dumps({{'devices': jax.device_count(), 'loss': float(m['loss/total'])}}))
+'''
+
+
+def test_two_devices_match_one_device(tmp_path):
+  results = {}
+  for n in (1, 2):
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}',
+               JAX_PLATFORMS='cpu')
+    out = tmp_path / f'params{n}.npy'
+    proc = subprocess.run([sys.executable, '-c', _TWO_DEVICES.format(repo=REPO, out=str(out))],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info['devices'] == n
+    results[n] = (info['loss'], np.load(out))
+  # Same global batch, same math; only the reduction order of the collectives differs.
+  assert results[1][0] == pytest.approx(results[2][0], rel=1e-5)
+  np.testing.assert_allclose(results[1][1], results[2][1], atol=2e-5)
