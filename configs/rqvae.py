@@ -108,6 +108,19 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   o.plateau_min_delta = 0.05
   o.early_stop_patience = 0                # 0 = off (original: 3)
 
+  # ----- separation (separate, eval) -----
+  i = c.inference = ml_collections.ConfigDict()
+  i.chunk_samples = 88200                  # model input length per chunk
+  i.overlap = 0.5                          # fraction of a chunk shared with the next one
+  i.batch_size = 8                         # chunks per device call
+  i.use_ema_codebooks = True               # separate with the EMA codebooks (as validated)
+
+  e = c.eval = ml_collections.ConfigDict()
+  e.mode = 'track'                         # 'track': separate whole tracks, score windows (MSDM)
+  #                                          'window': separate each window alone (original)
+  e.max_tracks = 0                         # 0 = all tracks of the split
+  e.num_example_wavs = 2
+
   c.batch_size = 16                        # global batch
   c.num_train_steps = 60_000
   c.log_every_steps = 50
@@ -142,6 +155,8 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
     q.kmeans_iters = 3
     q.restart_every = 2
     d.segment_samples = 10000
+    i.chunk_samples = 10000
+    i.batch_size = 2
     d.eval_window_samples = 10000
     d.eval_hop_samples = 5000
     d.synthetic.num_train = 4

@@ -266,7 +266,8 @@ def validate(state: TrainState, p_eval_step, val_batches: List[np.ndarray], mesh
   per_stem = total / np.maximum(counted, 1)
   result = {'val/loss': float(np.mean(losses_)),
             'val/sisdri_mean': float(np.mean(per_stem[counted > 0])) if counted.any() else 0.0}
-  result.update({f'val/sisdri_{name}': float(v) for name, v in zip(stems, per_stem)})
+  result.update({f'val/sisdri_{name}': float(v)
+                 for name, v, n in zip(stems, per_stem, counted) if n > 0})
   return result, first
 
 

@@ -13,20 +13,9 @@ import pytest
 from configs.rqvae import get_config
 from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import training
+from tests.conftest import smoke_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def smoke_config(tmp_path, **overrides):
-  cfg = get_config('smoke')
-  cfg.data.synthetic.cache_dir = str(tmp_path / 'synthetic')
-  for key, value in overrides.items():
-    node = cfg
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return cfg
 
 
 def _batch(cfg, seed=0):
@@ -97,14 +86,16 @@ def _params(workdir):
   return state, meta, step
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
-  full = tmp_path / 'full'
+def test_resume_matches_uninterrupted_run(tmp_path, smoke_run):
+  cfg, full = smoke_run
+  full = type(tmp_path)(full)
   part = tmp_path / 'part'
-  cfg = smoke_config(tmp_path)
-  training.train_and_evaluate(cfg, str(full))
   cfg_half = smoke_config(tmp_path, num_train_steps=2)
+  cfg_half.data.synthetic.cache_dir = cfg.data.synthetic.cache_dir
   training.train_and_evaluate(cfg_half, str(part))
   assert ckpt_lib.Checkpointer(str(part)).latest_step() == 2
+  cfg = smoke_config(tmp_path)
+  cfg.data.synthetic.cache_dir = cfg_half.data.synthetic.cache_dir
   training.train_and_evaluate(cfg, str(part))      # resumes at 2, finishes at 4
   a, meta_a, step_a = _params(str(full))
   b, _, step_b = _params(str(part))

@@ -1,0 +1,43 @@
+"""Shared fixtures: a persistent compilation cache for the session and one trained smoke run."""
+import os
+
+import jax
+import pytest
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _compilation_cache(tmp_path_factory):
+  """Identical programs compiled by several tests (each train_and_evaluate call jits its own
+  step) are compiled once."""
+  from rqvae_jax import compilation_cache
+  path = os.environ.get('RQVAE_TEST_XLA_CACHE') or str(tmp_path_factory.mktemp('xla_cache'))
+  compilation_cache.enable(path)
+  os.environ['RQVAE_JAX_CACHE'] = path   # subprocesses (CLI tests) share it
+  yield
+
+
+def smoke_config(root, **overrides):
+  """The smoke config with its synthetic data under `root` and dotted overrides."""
+  from configs.rqvae import get_config
+  cfg = get_config('smoke')
+  cfg.data.synthetic.cache_dir = str(root / 'synthetic')
+  for key, value in overrides.items():
+    node = cfg
+    *path, last = key.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return cfg
+
+
+@pytest.fixture(scope='session')
+def smoke_run(tmp_path_factory):
+  """(config, workdir) of a finished 4-step smoke training run (validated, checkpointed)."""
+  from rqvae_jax import training
+  root = tmp_path_factory.mktemp('smoke_run')
+  cfg = smoke_config(root)
+  workdir = str(root / 'workdir')
+  training.train_and_evaluate(cfg, workdir)
+  return cfg, workdir
