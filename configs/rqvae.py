@@ -64,6 +64,7 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   l.codebook_term = 0.75                   # weight of mse(sg(r), q) inside the commitment
   l.encoder_term = 1.0                     # weight of mse(r, sg(q))
   l.cumulative_term = 1.0                  # weight of mse(z_e, sg(sum of q so far))
+  l.sisdr_weight = 0.0                     # optional -SI-SDR term (not in the paper)
   l.mel_window_powers = (6, 7, 8, 9, 10, 11)
   l.mel_min_n_fft = 512
   l.num_mels = 64
@@ -136,11 +137,19 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
     l.mel_weight = 1e-6
     o.early_stop_patience = 3
   elif variant == 'demo':
-    # Small enough to train in minutes on a 2-core CPU, large enough to separate.
+    # Trains in minutes on a 2-core CPU and separates the synthetic set measurably: a
+    # narrower bottleneck, 4 x 256 codes, 1 s training windows (evaluation keeps the 4 s
+    # protocol; separation runs 1 s chunks with overlap-add), the cheap losses plus the
+    # optional SI-SDR term (the mel term is the costliest part of a step).
     m.channels = (16, 32, 64, 128, 128)
     q.num_quantizers = 4
     q.codebook_size = 256
-    q.kmeans_examples = 16
+    q.kmeans_examples = 32
+    l.mel_weight = 0.0
+    l.sisdr_weight = 0.1
+    d.segment_samples = 22000
+    i.chunk_samples = 22000
+    i.batch_size = 16
     c.batch_size = 8
     c.num_train_steps = 600
     c.eval_every_steps = 200

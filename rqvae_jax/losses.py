@@ -197,9 +197,13 @@ def total_loss(target, estimate, quant_aux: Mapping[str, Any], loss_config,
                sample_rate: int) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """mel_weight * mel + time_weight * time + commitment_weight * commitment, and its parts.
 
-  The parts dict holds the unweighted terms (float32 scalars) for logging.
+  The parts dict holds the unweighted terms (float32 scalars) for logging. A zero mel_weight
+  skips the mel spectrograms altogether (they are the costliest part of the loss).
   """
-  mel = multiscale_mel_loss(target, estimate, loss_config, sample_rate)
+  if loss_config.mel_weight:
+    mel = multiscale_mel_loss(target, estimate, loss_config, sample_rate)
+  else:
+    mel = jnp.zeros((), jnp.float32)
   time = time_mse(target, estimate)
   commitment = commitment_loss(quant_aux, loss_config)
   total = (loss_config.mel_weight * mel + loss_config.time_weight * time
@@ -215,3 +219,15 @@ def total_loss(target, estimate, quant_aux: Mapping[str, Any], loss_config,
   }
   parts = {k: jnp.asarray(v, jnp.float32) for k, v in parts.items()}
   return parts['total'], parts
+
+
+def sisdr_loss(target, estimate, silence_threshold: float) -> jnp.ndarray:
+  """-SI-SDR (dB) averaged over the stems whose reference is not silent (raw scale audio).
+
+  Not in the paper: an optional term (`loss.sisdr_weight`) that optimises the evaluation
+  metric directly; silent references are left to the time MSE (their SI-SDR is degenerate).
+  """
+  from rqvae_jax import metrics  # pylint: disable=g-import-not-at-top
+  values = metrics.si_sdr(target, estimate)
+  active = metrics.active_stem_mask(target, silence_threshold).astype(jnp.float32)
+  return -jnp.sum(values * active) / jnp.maximum(jnp.sum(active), 1.0)

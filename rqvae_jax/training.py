@@ -114,6 +114,10 @@ def train_step(state: TrainState, batch: jax.Array, *, config: ml_collections.Co
                                             rngs={'dropout': dropout_rng}, mutable=MUTABLE)
     loss, parts = losses.total_loss(target, normalize(estimate, config.model), aux, config.loss,
                                     config.data.sample_rate)
+    if config.loss.get('sisdr_weight', 0.0):
+      parts['sisdr'] = losses.sisdr_loss(batch, estimate, config.data.silence_threshold)
+      loss = loss + config.loss.sisdr_weight * parts['sisdr']
+      parts['total'] = loss
     return loss, (parts, new_vars, aux)
 
   (loss, (parts, new_vars, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

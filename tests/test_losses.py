@@ -237,3 +237,18 @@ def test_mel_loss_has_useful_gradient():
   assert np.all(np.isfinite(np.asarray(grad))) and float(jnp.max(jnp.abs(grad))) > 0
   step = 1e-3 / jnp.max(jnp.abs(grad))
   assert float(value_and_grad(estimate - step * grad)[0]) < float(value)
+
+
+def test_sisdr_loss_matches_metric_and_ignores_silent_references():
+  from rqvae_jax import metrics
+  rng = np.random.default_rng(3)
+  target = rng.normal(size=(2, 1000, 4)).astype(np.float32)
+  target[0, :, 2] = 0.0                       # a silent reference stem
+  estimate = target + 0.3 * rng.normal(size=target.shape).astype(np.float32)
+  expected = np.asarray(metrics.si_sdr(target, estimate))
+  mask = np.ones((2, 4), bool)
+  mask[0, 2] = False
+  got = float(losses.sisdr_loss(target, estimate, 1.5e-5))
+  np.testing.assert_allclose(got, -expected[mask].mean(), rtol=1e-5)
+  grad = jax.grad(lambda e: losses.sisdr_loss(target, e, 1.5e-5))(estimate)
+  assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[0, :, 2] == 0)
