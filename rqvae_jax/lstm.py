@@ -1,0 +1,283 @@
+"""Bidirectional multi-layer LSTM with PyTorch `nn.LSTM` semantics.
+
+The parameters use PyTorch's names, shapes and gate order (i, f, g, o) so a
+`torch.nn.LSTM(batch_first=True, bidirectional=True)` state dict can be copied
+in array by array (`weight_ih_l0` -> `params['weight_ih_l0']`, etc.).
+"""
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# `unroll` of the time scan in the 'scan' path. Measured on the 2-core CPU
+# this was written on (jit, forward+backward, T=441, In=H=256, 2 layers,
+# median of several runs; see benchmarks/lstm_speed.py):
+#   unroll=1: B=2 FILLED, B=16 FILLED
+SCAN_UNROLL = 1
+
+_IMPLS = ('auto', 'scan', 'cudnn')
+
+
+def lstm_param_count(input_size: int, hidden_size: int, num_layers: int) -> int:
+  """Parameter count of a bidirectional `torch.nn.LSTM` (two bias vectors)."""
+  h = hidden_size
+  total = 0
+  for k in range(num_layers):
+    in_k = input_size if k == 0 else 2 * h
+    total += 2 * (4 * h * (in_k + h) + 8 * h)
+  return total
+
+
+def _uniform(bound: float):
+  """PyTorch's LSTM init: U(-1/sqrt(H), 1/sqrt(H)) for weights and biases."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def _gate_blocks(w_hh, transpose):
+  """Splits (2, 4H, H) recurrent weights into four contiguous per-gate blocks.
+
+  Four (2, H, H) matmuls per step were 10-30% faster on CPU than one
+  (2, H, 4H) matmul plus slicing of its result (measured at B=2 and B=16).
+  transpose=True gives (2, H_in, H_gate) blocks for h @ W in the forward
+  pass (contracting W's leading axis is ~2x faster at small batch than
+  contracting PyTorch's (4H, H) layout); False keeps (2, H_gate, H_in) for
+  dgate @ W in the backward pass.
+  """
+  hid = w_hh.shape[2]
+  blocks = [w_hh[:, j * hid:(j + 1) * hid] for j in range(4)]
+  return [jnp.swapaxes(w, 1, 2) for w in blocks] if transpose else blocks
+
+
+def _scan_forward(xs, w_hh, unroll, save_residuals):
+  t, d, b, h4 = xs.shape
+  hid = h4 // 4
+  w_gates = _gate_blocks(w_hh, transpose=True)
+  xs = xs.reshape(t, d, b, 4, hid)
+
+  def step(carry, xt):
+    h, c = carry
+    i, f, g, o = [
+        xt[:, :, j].astype(jnp.float32) + jnp.einsum(
+            'dbh,dhg->dbg', h, w, preferred_element_type=jnp.float32)
+        for j, w in enumerate(w_gates)]
+    i, f, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jax.nn.sigmoid(o)
+    g = jnp.tanh(g)
+    c = f * c + i * g  # cell state and gates stay float32
+    h = (o * jnp.tanh(c)).astype(h.dtype)
+    return (h, c), ((h, c, (i, f, g, o)) if save_residuals else h)
+
+  init = (jnp.zeros((d, b, hid), xs.dtype), jnp.zeros((d, b, hid), jnp.float32))
+  return jax.lax.scan(step, init, xs, unroll=unroll)[1]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _recurrence(xs, w_hh, unroll):
+  """LSTM recurrence of both directions given the input projections.
+
+  A custom VJP because autodiff of the scan accumulates dW_hh (2*4H*H floats)
+  inside the reverse loop at every step; here the loop only emits the gate
+  gradients and dW_hh is one large matmul afterwards (as in cuDNN/PyTorch).
+  Forward-mode (jax.jvp) is therefore not supported.
+
+  Args:
+    xs: (T, 2, B, 4H) input projections incl. both biases, direction 1
+      already time-reversed; compute dtype.
+    w_hh: (2, 4H, H) recurrent weights, PyTorch layout; compute dtype.
+    unroll: `jax.lax.scan` unroll.
+
+  Returns:
+    (T, 2, B, H) hidden states, in the same (per-direction) time order as xs.
+  """
+  return _scan_forward(xs, w_hh, unroll, save_residuals=False)
+
+
+def _recurrence_fwd(xs, w_hh, unroll):
+  hs, cs, acts = _scan_forward(xs, w_hh, unroll, save_residuals=True)
+  return hs, (hs, cs, acts, w_hh)
+
+
+def _recurrence_bwd(unroll, residuals, dhs):
+  hs, cs, acts, w_hh = residuals
+  d, b, hid = hs.shape[1:]
+  w_gates = _gate_blocks(w_hh, transpose=False)
+  c_prev = jnp.concatenate([jnp.zeros_like(cs[:1]), cs[:-1]], axis=0)
+
+  def step(carry, inputs):
+    dh, dc = carry
+    dh_t, c, cp, act = inputs
+    i, f, g, o = act
+    dh = dh + dh_t.astype(jnp.float32)
+    tc = jnp.tanh(c)
+    dc = dc + dh * o * (1.0 - tc * tc)
+    dgates = [  # w.r.t. the pre-activations of i, f, g, o
+        (dc * g * i * (1.0 - i)).astype(w_hh.dtype),
+        (dc * cp * f * (1.0 - f)).astype(w_hh.dtype),
+        (dc * i * (1.0 - g * g)).astype(w_hh.dtype),
+        (dh * tc * o * (1.0 - o)).astype(w_hh.dtype)]
+    dh = sum(jnp.einsum('dbg,dgh->dbh', dg, w,
+                        preferred_element_type=jnp.float32)
+             for dg, w in zip(dgates, w_gates))
+    return (dh, dc * f), jnp.concatenate(dgates, axis=-1)
+
+  init = (jnp.zeros((d, b, hid), jnp.float32),
+          jnp.zeros((d, b, hid), jnp.float32))
+  _, dgates = jax.lax.scan(
+      step, init, (dhs, cs, c_prev, acts), reverse=True, unroll=unroll)
+  h_prev = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]], axis=0)
+  dw_hh = jnp.einsum('tdbg,tdbh->dgh', dgates, h_prev,
+                     preferred_element_type=jnp.float32)
+  return dgates.astype(dhs.dtype), dw_hh.astype(w_hh.dtype)
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def _bilstm_layer_scan(x, w_ih, w_hh, b, unroll):
+  """One bidirectional layer, both directions in a single scan.
+
+  Args:
+    x: (T, B, In) time-major input, compute dtype.
+    w_ih: (8H, In) = [W_ih_fwd; W_ih_bwd].
+    w_hh: (2, 4H, H) = stack(W_hh_fwd, W_hh_bwd).
+    b: (8H,) = [b_ih_fwd + b_hh_fwd; b_ih_bwd + b_hh_bwd].
+    unroll: `jax.lax.scan` unroll.
+
+  Returns:
+    (T, B, 2H) time-major [forward, backward] hidden states.
+  """
+  t, bsz, _ = x.shape
+  h4 = w_hh.shape[1]
+  # The input projection has no time dependence: one big matmul instead of T
+  # small ones inside the loop.
+  proj = (jnp.einsum('tbi,gi->tbg', x, w_ih) + b).reshape(t, bsz, 2, h4)
+  # The backward direction walks the reversed sequence, so it can share the
+  # forward direction's loop index.
+  xs = jnp.stack([proj[:, :, 0], proj[::-1, :, 1]], axis=1)  # (T, 2, B, 4H)
+  hs = _recurrence(xs, w_hh, unroll)  # (T, 2, B, H)
+  return jnp.concatenate([hs[:, 0], hs[::-1, 1]], axis=-1)
+
+
+def _bilstm_layer_cudnn(x, w_ih, w_hh, b_ih, b_hh):
+  """One bidirectional layer through cuDNN (`jax.experimental.rnn`).
+
+  Args:
+    x: (B, T, In) float32, batch-major.
+    w_ih, w_hh, b_ih, b_hh: pairs (forward, backward) in PyTorch layout.
+
+  Returns:
+    (B, T, 2H) float32.
+  """
+  from jax.experimental import rnn  # pylint: disable=g-import-not-at-top
+
+  bsz, t, in_size = x.shape
+  hid = w_hh[0].shape[1]
+  # Layout from jax.experimental.rnn (`_get_params_shapes_in_lstm`): all
+  # matrices of the pseudo-layers (fwd, bwd) then all biases, each pseudo-layer
+  # W_ih before W_hh; gate order i, f, g, o like PyTorch.
+  flat = jnp.concatenate([
+      w_ih[0].ravel(), w_hh[0].ravel(), w_ih[1].ravel(), w_hh[1].ravel(),
+      b_ih[0], b_hh[0], b_ih[1], b_hh[1]])
+  zeros = jnp.zeros((2, bsz, hid), jnp.float32)
+  seq_lengths = jnp.full((bsz,), t, jnp.int32)
+  y, _, _ = rnn.lstm(
+      x, zeros, zeros, flat, seq_lengths,
+      input_size=in_size, hidden_size=hid, num_layers=1, dropout=0.0,
+      bidirectional=True)
+  return y
+
+
+def _on_cuda() -> bool:
+  # ROCm is also backend 'gpu' but its MIOpen RNN weight layout differs
+  # (see jax.experimental.rnn.swap_lstm_gates); jax itself tells them apart
+  # by platform_version.
+  if jax.default_backend() != 'gpu':
+    return False
+  return 'cuda' in jax.devices()[0].client.platform_version.lower()
+
+
+class BiLSTM(nn.Module):
+  """Multi-layer bidirectional LSTM, equivalent to PyTorch's `nn.LSTM`.
+
+  Same as `torch.nn.LSTM(In, hidden_size, num_layers, batch_first=True,
+  bidirectional=True, dropout=dropout)` with zero initial state; the output is
+  [forward, backward] concatenated on the last axis.
+
+  impl:
+    'scan': portable `lax.scan`; per layer one input-projection matmul for both
+      directions, then both directions in one time-major scan with a
+      hand-written VJP (reverse-mode only: `jax.jvp` through it fails).
+    'cudnn': `jax.experimental.rnn.lstm` (cuDNN), one call per layer so the
+      inter-layer dropout is flax's. CUDA only; computes in float32 (jax's
+      cuDNN RNN supports only float32) and casts the output to `dtype`. It
+      uses TF32 unless `jax.default_matmul_precision('highest')` is active
+      and raises under a 'bfloat16' default matmul precision.
+      UNTESTED: written on a CPU-only machine, it needs a numerical check
+      against 'scan' on a GPU (`test_cudnn_matches_scan_on_gpu` in
+      tests/test_lstm.py, which runs only where a GPU backend is present).
+    'auto': 'cudnn' on a CUDA GPU, else 'scan'.
+  """
+  hidden_size: int
+  num_layers: int = 2
+  dropout: float = 0.0
+  impl: str = 'auto'
+  dtype: Any = jnp.float32
+
+  def _resolved_impl(self) -> str:
+    if self.impl not in _IMPLS:
+      raise ValueError(f'impl must be one of {_IMPLS}, got {self.impl!r}')
+    if self.impl == 'auto':
+      return 'cudnn' if _on_cuda() else 'scan'
+    if self.impl == 'cudnn' and not _on_cuda():
+      raise ValueError(
+          "BiLSTM impl='cudnn' needs a CUDA GPU backend, but jax's default "
+          f"backend is {jax.default_backend()!r}; use impl='scan' or 'auto'.")
+    return self.impl
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    """x: (B, T, In) -> (B, T, 2 * hidden_size) in `self.dtype`."""
+    impl = self._resolved_impl()
+    hid = self.hidden_size
+    init = _uniform(1.0 / math.sqrt(hid))
+    params = []
+    for k in range(self.num_layers):
+      in_k = x.shape[-1] if k == 0 else 2 * hid
+      layer = {}
+      for sfx in ('', '_reverse'):
+        layer[sfx] = (
+            self.param(f'weight_ih_l{k}{sfx}', init, (4 * hid, in_k)),
+            self.param(f'weight_hh_l{k}{sfx}', init, (4 * hid, hid)),
+            self.param(f'bias_ih_l{k}{sfx}', init, (4 * hid,)),
+            self.param(f'bias_hh_l{k}{sfx}', init, (4 * hid,)),
+        )
+      params.append(layer)
+
+    if impl == 'cudnn':
+      y = jnp.asarray(x, jnp.float32)
+      for k, layer in enumerate(params):
+        fw, bw = layer[''], layer['_reverse']
+        y = _bilstm_layer_cudnn(
+            y, *[(a.astype(jnp.float32), c.astype(jnp.float32))
+                 for a, c in zip(fw, bw)])
+        if k < self.num_layers - 1:
+          y = nn.Dropout(self.dropout)(y, deterministic=not train)
+      return y.astype(self.dtype)
+
+    y = jnp.swapaxes(jnp.asarray(x, self.dtype), 0, 1)  # time-major
+    for k, layer in enumerate(params):
+      (wif, whf, bif, bhf), (wib, whb, bib, bhb) = layer[''], layer['_reverse']
+      w_ih = jnp.concatenate([wif, wib], axis=0).astype(self.dtype)
+      w_hh = jnp.stack([whf, whb]).astype(self.dtype)
+      b = jnp.concatenate([bif + bhf, bib + bhb]).astype(self.dtype)
+      y = _bilstm_layer_scan(y, w_ih, w_hh, b, SCAN_UNROLL)
+      if k < self.num_layers - 1:
+        y = nn.Dropout(self.dropout)(y, deterministic=not train)
+    return jnp.swapaxes(y, 0, 1)
