@@ -6,7 +6,9 @@ and symmetric padding, and transposed convolutions crop like `ConvTranspose1d(pa
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def conv_out_length(length: int, kernel: int, stride: int, padding: int) -> int:
@@ -17,6 +19,48 @@ def conv_out_length(length: int, kernel: int, stride: int, padding: int) -> int:
 def conv_transpose_out_length(length: int, kernel: int, stride: int, padding: int) -> int:
   """Output length of a PyTorch-style ConvTranspose1d (dilation 1, no output padding)."""
   return (length - 1) * stride - 2 * padding + kernel
+
+
+def _torch_conv_init(key, shape, dtype=jnp.float32):
+  """PyTorch's Conv1d default: U(+-1/sqrt(c_in * k)) for a (k, c_in, c_out) kernel."""
+  k, c_in, _ = shape
+  bound = 1.0 / np.sqrt(c_in * k)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def conv(x, kernel, stride: int, padding: int):
+  """PyTorch Conv1d (no bias, dilation 1) on channels-last x (B, L, C_in), kernel (k, C_in, C_out).
+
+  Kernel-1 convolutions are a plain matmul and strided ones an im2col matmul: on the 2-core
+  CPU, forward+backward, 2.7x and ~1.2x faster than XLA's convolution for the paper's
+  shapes; stride-1 kernel-3 ones stay XLA convolutions (2.5x faster than im2col there).
+  """
+  k = kernel.shape[0]
+  kernel = kernel.astype(x.dtype)
+  if k == 1 and stride == 1 and padding == 0:
+    return jnp.einsum('blc,co->blo', x, kernel[0])
+  if stride > 1:
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (0, 0)))
+    out_len = (xp.shape[1] - k) // stride + 1
+    cols = jnp.stack([xp[:, j:j + (out_len - 1) * stride + 1:stride] for j in range(k)], axis=2)
+    return jnp.einsum('blkc,kco->blo', cols, kernel)
+  return jax.lax.conv_general_dilated(x, kernel, (stride,), [(padding, padding)],
+                                      dimension_numbers=('NWC', 'WIO', 'NWC'))
+
+
+class Conv(nn.Module):
+  """Conv1d with PyTorch's semantics and init; kernel (k, c_in, c_out) = torch w.transpose(2, 1, 0)."""
+  features: int
+  kernel: int
+  stride: int = 1
+  padding: int = 0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param('kernel', _torch_conv_init, (self.kernel, x.shape[-1], self.features),
+                   jnp.float32)
+    return conv(x.astype(self.dtype), w, self.stride, self.padding)
 
 
 class BatchNorm(nn.Module):
@@ -43,11 +87,11 @@ class ResidualBlock(nn.Module):
   def __call__(self, x, train: bool):
     bn = lambda: BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype)
     prelu = lambda: nn.PReLU(negative_slope_init=self.prelu_init, param_dtype=jnp.float32)
-    y = nn.Conv(self.channels, (1,), use_bias=False, dtype=self.dtype)(x)
+    y = Conv(self.channels, 1, dtype=self.dtype)(x)
     y = prelu()(bn()(y, train))
-    y = nn.Conv(self.channels, (3,), padding=((1, 1),), use_bias=False, dtype=self.dtype)(y)
+    y = Conv(self.channels, 3, padding=1, dtype=self.dtype)(y)
     y = prelu()(bn()(y, train))
-    y = nn.Conv(self.channels, (1,), use_bias=False, dtype=self.dtype)(y)
+    y = Conv(self.channels, 1, dtype=self.dtype)(y)
     y = bn()(y, train)
     return prelu()(x + y).astype(self.dtype)
 
@@ -67,19 +111,47 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     x = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype)(x, train)
-    x = nn.Conv(self.channels, (self.kernel,), strides=(self.stride,),
-                padding=((self.padding, self.padding),), use_bias=False, dtype=self.dtype)(x)
+    x = Conv(self.channels, self.kernel, self.stride, self.padding, self.dtype)(x)
     x = nn.PReLU(negative_slope_init=self.prelu_init, param_dtype=jnp.float32)(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return ResidualBlock(self.channels, self.prelu_init, self.bn_momentum, self.bn_epsilon,
                          self.dtype)(x, train)
 
 
-class ConvTranspose(nn.Module):
-  """ConvTranspose1d with PyTorch's output length: full 'VALID' transpose, crop `padding`.
+def _torch_convt_init(key, shape, dtype=jnp.float32):
+  """PyTorch's ConvTranspose1d default: U(+-1/sqrt(c_out * k)) for a (k, c_out, c_in) kernel."""
+  k, c_out, _ = shape
+  bound = 1.0 / np.sqrt(c_out * k)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-  With `transpose_kernel` the kernel is stored as `(k, c_out, c_in)` and applied like
-  PyTorch's, so a PyTorch `(c_in, c_out, k)` weight imports as `w.transpose(2, 1, 0)`, no flip.
+
+def conv_transpose(x, kernel, stride: int, padding: int):
+  """PyTorch ConvTranspose1d on channels-last x (B, L, C_in), kernel (k, C_out, C_in).
+
+  One matmul gives every tap's contribution (B, L, k, C_out); taps are grouped by stride
+  phase and overlap-added with ceil(k / stride) shifted reshapes. XLA's CPU
+  `conv_transpose` dilates the input with stride-1 zeros and convolves, wasting ~stride x
+  the work: this form was 4x faster forward+backward on the paper's decoder (2-core CPU).
+  """
+  k, c_out, _ = kernel.shape
+  b, length, _ = x.shape
+  groups = -(-k // stride)
+  padded = jnp.pad(kernel, ((0, groups * stride - k), (0, 0), (0, 0)))
+  taps = jnp.einsum('blc,koc->blko', x, padded.astype(x.dtype))
+  taps = taps.reshape(b, length, groups, stride, c_out)
+  out = 0
+  for g in range(groups):
+    phase = taps[:, :, g].reshape(b, length * stride, c_out)
+    out = out + jnp.pad(phase, ((0, 0), (g * stride, (groups - 1 - g) * stride), (0, 0)))
+  full = (length - 1) * stride + k
+  return out[:, padding:full - padding]
+
+
+class ConvTranspose(nn.Module):
+  """ConvTranspose1d with PyTorch's semantics and output length (no bias).
+
+  The kernel is `(k, c_out, c_in)`: a PyTorch `(c_in, c_out, k)` weight imports as
+  `w.transpose(2, 1, 0)` (no flip).
   """
   channels: int
   kernel: int
@@ -89,11 +161,9 @@ class ConvTranspose(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    y = nn.ConvTranspose(self.channels, (self.kernel,), strides=(self.stride,), padding='VALID',
-                         use_bias=False, transpose_kernel=True, dtype=self.dtype)(x)
-    if self.padding:
-      y = y[:, self.padding:y.shape[1] - self.padding]
-    return y
+    w = self.param('kernel', _torch_convt_init, (self.kernel, self.channels, x.shape[-1]),
+                   jnp.float32)
+    return conv_transpose(x.astype(self.dtype), w.astype(self.dtype), self.stride, self.padding)
 
 
 class DecoderBlock(nn.Module):

@@ -13,10 +13,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# `unroll` of the time scan in the 'scan' path. Measured on the 2-core CPU
-# this was written on (jit, forward+backward, T=441, In=H=256, 2 layers,
-# median of several runs; see benchmarks/lstm_speed.py):
-#   unroll=1: B=2 FILLED, B=16 FILLED
+# `unroll` of the time scans (forward and backward) in the 'scan' path.
+# benchmarks/lstm_speed.py --threads 1 on the 2-vCPU AMD EPYC dev machine
+# (busy, shared), jit forward+backward, T=441, In=H=256, 2 layers, median CPU
+# seconds of 7:
+#   unroll   1     2     4     8
+#   B=2    0.33  0.49  0.60  1.16
+#   B=16   2.12  2.51  3.78  5.18
+# (torch.nn.LSTM, 1 thread: B=2 0.30, B=16 1.85). Unrolling only grows the
+# loop body; XLA gains nothing from it here.
 SCAN_UNROLL = 1
 
 _IMPLS = ('auto', 'scan', 'cudnn')

@@ -103,3 +103,14 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, smoke_run):
   cfg = smoke_config(tmp_path, **{'data.root': str(tmp_path / 'no_such_folder')})
   with pytest.raises(ValueError, match='does not exist'):
     training.train_and_evaluate(cfg, str(tmp_path / 'w'))
+
+
+def test_eval_cli_uses_the_saved_config(smoke_run):
+  _, workdir = smoke_run
+  out = subprocess.run([sys.executable, 'eval.py', '--workdir', workdir, '--split', 'validation',
+                        '--checkpoint', 'latest'], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'SI-SDRi (dB), split validation' in out.stdout
+  saved = json.load(open(os.path.join(workdir, 'eval', 'validation', 'metrics.json')))
+  assert saved['split'] == 'validation' and saved['checkpoint_step'] == 4
