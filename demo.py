@@ -11,6 +11,7 @@ import time
 
 from absl import app
 from absl import flags
+from absl import logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', 'runs/demo', 'Where checkpoints, logs and results go.')
@@ -20,6 +21,7 @@ flags.DEFINE_string('variant', 'demo', 'Config variant of configs/rqvae.py to tr
 def main(argv):
   del argv
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  logging.set_verbosity(logging.WARNING)   # the console gets the progress line, not every scalar
   import numpy as np
   import soundfile as sf
   from configs.rqvae import get_config
