@@ -142,6 +142,8 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
     # protocol; separation runs 1 s chunks with overlap-add), the cheap losses plus the
     # optional SI-SDR term (the mel term is the costliest part of a step).
     m.channels = (16, 32, 64, 128, 128)
+    m.dropout = 0.0
+    o.lr = 2e-3
     q.num_quantizers = 4
     q.codebook_size = 256
     q.kmeans_examples = 32

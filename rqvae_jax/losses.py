@@ -200,7 +200,8 @@ def total_loss(target, estimate, quant_aux: Mapping[str, Any], loss_config,
   The parts dict holds the unweighted terms (float32 scalars) for logging. A zero mel_weight
   skips the mel spectrograms altogether (they are the costliest part of the loss).
   """
-  if loss_config.mel_weight:
+  skip_mel = isinstance(loss_config.mel_weight, (int, float)) and loss_config.mel_weight == 0
+  if not skip_mel:
     mel = multiscale_mel_loss(target, estimate, loss_config, sample_rate)
   else:
     mel = jnp.zeros((), jnp.float32)
