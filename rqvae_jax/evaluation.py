@@ -21,7 +21,7 @@ import numpy as np
 from rqvae_jax import audio as audio_lib
 from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import metrics as metrics_lib
-from rqvae_jax.separate import Separator
+from rqvae_jax.separate import Separator, overlap_add
 
 
 def _summary(values: np.ndarray, active: np.ndarray, stems) -> Dict[str, Any]:
@@ -93,7 +93,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
         chunk_counts.append(c)
         return est
 
-      from rqvae_jax.separate import overlap_add
       estimate = overlap_add(fn, mixture, separator.chunk, config.inference.overlap,
                              config.inference.batch_size)
       counts += np.sum(chunk_counts, axis=0).astype(np.int64)

@@ -237,7 +237,7 @@ def _mean_metrics(history: List[Dict[str, jax.Array]]) -> Dict[str, np.ndarray]:
   return {k: np.mean([h[k] for h in stacked], axis=0) for k in stacked[0]}
 
 
-def _scalars(prefix: str, values: Dict[str, np.ndarray], num_quantizers: int) -> Dict[str, float]:
+def _scalars(prefix: str, values: Dict[str, np.ndarray]) -> Dict[str, float]:
   out = {}
   for k, v in values.items():
     v = np.asarray(v)
@@ -296,7 +296,7 @@ def _write_examples(writer, step: int, example: Dict[str, np.ndarray], config) -
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains (resuming from the workdir's latest checkpoint), validates, logs and checkpoints."""
   from clu import metric_writers
-  from data import pipeline, slakh, windows
+  from data import pipeline, slakh
 
   mesh = parallel.make_mesh()
   local_batch = parallel.check_batch_size(config.batch_size, mesh)
@@ -350,7 +350,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   audio_seconds = config.batch_size * config.data.segment_samples / config.data.sample_rate
   progress = Progress(config.num_train_steps, start, audio_seconds)
   history: List[Dict[str, jax.Array]] = []
-  qn = config.model.quantizer.num_quantizers
 
   for step in range(start + 1, config.num_train_steps + 1):
     state, step_metrics = p_train_step(state, next(batches))
@@ -359,7 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       means = _mean_metrics(history)
       history = []
       rate, audio_rate = progress.rates(step)
-      scalars = _scalars('train/', means, qn)
+      scalars = _scalars('train/', means)
       scalars.update({'train/steps_per_s': rate, 'train/audio_s_per_s': audio_rate,
                       'train/nan_skips_total': float(jax.device_get(state.nan_skips))})
       writer.write_scalars(step, scalars)
