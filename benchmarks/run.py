@@ -88,7 +88,7 @@ def bench_train(config, batch: int, steps: int, warmup: int):
 def bench_separate(config, batch: int, steps: int, warmup: int, song_seconds: float):
   import jax
   from rqvae_jax import training
-  from rqvae_jax.separate import Separator
+  from rqvae_jax.separate import Separator, overlap_add
   state = training.create_train_state(config, jax.random.PRNGKey(0))
   sep = Separator.from_variables(config, state.variables(use_ema=True))
   rng = np.random.default_rng(0)
@@ -98,6 +98,17 @@ def bench_separate(config, batch: int, steps: int, warmup: int, song_seconds: fl
   out = {'separate_compile_s': round(compile_s - med, 2),
          'separate_chunk_batch': batch,
          'separate_audio_s_per_s': round(batch * sep.chunk / config.data.sample_rate / med, 2)}
+  # The same chunks with `inference.in_flight` device calls at once (the separate path).
+  in_flight = int(config.inference.in_flight)
+  calls = max(steps, 2) * in_flight
+  stream = (0.05 * rng.normal(size=calls * batch * sep.chunk)).astype(np.float32)
+  fn = lambda b: sep.separate_chunks(b)[0]
+  t = time.perf_counter()
+  overlap_add(fn, stream, sep.chunk, 0.0, batch, in_flight=in_flight)
+  dt = time.perf_counter() - t
+  out.update({'separate_in_flight': in_flight,
+              'separate_in_flight_audio_s_per_s': round(stream.size / config.data.sample_rate
+                                                        / dt, 2)})
   # A whole song through the separate command's path (overlap-add, inference batch size).
   song = (0.05 * rng.normal(size=int(song_seconds * config.data.sample_rate))).astype(np.float32)
   sep(song[:sep.chunk * 2])                      # compile the inference batch shape
@@ -107,7 +118,7 @@ def bench_separate(config, batch: int, steps: int, warmup: int, song_seconds: fl
   out.update({'song_seconds': song_seconds, 'song_separate_s': round(dt, 3),
               'song_audio_s_per_s': round(song_seconds / dt, 2),
               'song_overlap': float(config.inference.overlap),
-              'song_batch': int(config.inference.batch_size)})
+              'song_batch': int(config.inference.batch_size), 'song_in_flight': in_flight})
   return out
 
 

@@ -104,6 +104,8 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   o.eps = 1e-8
   o.weight_decay = 0.0
   o.warmup_steps = 0
+  o.decay = 'constant'                     # or 'cosine' (to final_lr_fraction at the last step)
+  o.final_lr_fraction = 0.0
   o.grad_clip_norm = 0.0                   # 0 = off
   o.plateau_factor = 0.5                   # lr *= factor when val SI-SDRi improved < min_delta
   o.plateau_min_delta = 0.05
@@ -114,6 +116,7 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   i.chunk_samples = 88200                  # model input length per chunk
   i.overlap = 0.5                          # fraction of a chunk shared with the next one
   i.batch_size = 8                         # chunks per device call
+  i.in_flight = 2                          # device calls at once (2 keeps both CPU cores busy)
   i.use_ema_codebooks = True               # separate with the EMA codebooks (as validated)
 
   e = c.eval = ml_collections.ConfigDict()

@@ -96,28 +96,6 @@ class ResidualBlock(nn.Module):
     return prelu()(x + y).astype(self.dtype)
 
 
-class EncoderBlock(nn.Module):
-  """BN(c_in) -> strided Conv -> PReLU -> Dropout -> ResidualBlock (the original's order)."""
-  channels: int
-  kernel: int
-  stride: int
-  padding: int = 1
-  dropout: float = 0.1
-  prelu_init: float = 0.1
-  bn_momentum: float = 0.9
-  bn_epsilon: float = 1e-5
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype)(x, train)
-    x = Conv(self.channels, self.kernel, self.stride, self.padding, self.dtype)(x)
-    x = nn.PReLU(negative_slope_init=self.prelu_init, param_dtype=jnp.float32)(x)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    return ResidualBlock(self.channels, self.prelu_init, self.bn_momentum, self.bn_epsilon,
-                         self.dtype)(x, train)
-
-
 def _torch_convt_init(key, shape, dtype=jnp.float32):
   """PyTorch's ConvTranspose1d default: U(+-1/sqrt(c_out * k)) for a (k, c_out, c_in) kernel."""
   k, c_out, _ = shape
@@ -166,13 +144,18 @@ class ConvTranspose(nn.Module):
     return conv_transpose(x.astype(self.dtype), w.astype(self.dtype), self.stride, self.padding)
 
 
-class DecoderBlock(nn.Module):
-  """[BN] -> ConvTranspose -> PReLU -> Dropout -> ResidualBlock; BN only on the first block."""
+class ConvBlock(nn.Module):
+  """[BN] -> (strided Conv | ConvTranspose) -> PReLU -> Dropout -> ResidualBlock.
+
+  The encoder's blocks (transposed=False) always start with a BatchNorm of their input (the
+  original's order); the decoder's (transposed=True) only on the first block.
+  """
   channels: int
   kernel: int
   stride: int
   padding: int = 1
-  leading_norm: bool = False
+  transposed: bool = False
+  leading_norm: bool = True
   dropout: float = 0.1
   prelu_init: float = 0.1
   bn_momentum: float = 0.9
@@ -183,7 +166,8 @@ class DecoderBlock(nn.Module):
   def __call__(self, x, train: bool):
     if self.leading_norm:
       x = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype)(x, train)
-    x = ConvTranspose(self.channels, self.kernel, self.stride, self.padding, self.dtype)(x)
+    layer = ConvTranspose if self.transposed else Conv
+    x = layer(self.channels, self.kernel, self.stride, self.padding, self.dtype)(x)
     x = nn.PReLU(negative_slope_init=self.prelu_init, param_dtype=jnp.float32)(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return ResidualBlock(self.channels, self.prelu_init, self.bn_momentum, self.bn_epsilon,

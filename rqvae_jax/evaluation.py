@@ -94,7 +94,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
         return est
 
       estimate = overlap_add(fn, mixture, separator.chunk, config.inference.overlap,
-                             config.inference.batch_size)
+                             config.inference.batch_size, in_flight=config.inference.in_flight)
       counts += np.sum(chunk_counts, axis=0).astype(np.int64)
     padded_len = max(s for _, s in items) + window
     pad = lambda x: np.pad(x, [(0, max(0, padded_len - x.shape[0]))] + [(0, 0)] * (x.ndim - 1))

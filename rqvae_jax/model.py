@@ -89,6 +89,14 @@ def check_mixture(mixture, model_config) -> None:
                        'samples; clean or replace them (e.g. np.nan_to_num) before separating.')
 
 
+def _conv_block(c, channels: int, kernel: int, stride: int, *, transposed: bool,
+                leading_norm: bool, name: str) -> blocks.ConvBlock:
+  return blocks.ConvBlock(channels, kernel, stride, c.padding, transposed=transposed,
+                          leading_norm=leading_norm, dropout=c.dropout, prelu_init=c.prelu_init,
+                          bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon,
+                          dtype=jnp.dtype(c.dtype), name=name)
+
+
 class Encoder(nn.Module):
   """Conv blocks (keeping each block's output for the skips), then BiLSTM and a dense."""
   config: Any
@@ -99,8 +107,8 @@ class Encoder(nn.Module):
     dtype = jnp.dtype(c.dtype)
     skips = []
     for i, (ch, k, s) in enumerate(zip(c.channels, c.kernels, c.strides)):
-      x = blocks.EncoderBlock(ch, k, s, c.padding, c.dropout, c.prelu_init, c.bn_momentum,
-                              c.bn_epsilon, dtype, name=f'block{i + 1}')(x, train)
+      x = _conv_block(c, ch, k, s, transposed=False, leading_norm=True,
+                      name=f'block{i + 1}')(x, train)
       skips.append(x)
     x = BiLSTM(c.channels[-1], c.lstm_layers, c.dropout, c.lstm_impl, dtype, name='lstm')(x, train)
     x = nn.Dense(c.channels[-1], dtype=dtype, name='fc')(x)
@@ -125,10 +133,8 @@ class Decoder(nn.Module):
       if skips is not None:
         x = x + skips[num_blocks - 1 - i].astype(dtype)
       k, s = specs[i]
-      x = blocks.DecoderBlock(out_channels[i], k, s, c.padding, leading_norm=(i == 0),
-                              dropout=c.dropout, prelu_init=c.prelu_init,
-                              bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon, dtype=dtype,
-                              name=f'block{i + 1}')(x, train)
+      x = _conv_block(c, out_channels[i], k, s, transposed=True, leading_norm=(i == 0),
+                      name=f'block{i + 1}')(x, train)
     if skips is not None:
       x = x + skips[0].astype(dtype)
     k, s = specs[-1]

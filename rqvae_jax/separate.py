@@ -7,6 +7,8 @@ channel count (each channel is separated on its own, so stereo stays stereo). Th
 into model-sized chunks that overlap by `inference.overlap`, batched on the device, and
 cross-faded back with a Hann window (overlap-add normalised by the summed window).
 """
+import collections
+import concurrent.futures
 import dataclasses
 import os
 import sys
@@ -41,13 +43,19 @@ def crossfade_window(chunk: int, hop: int) -> np.ndarray:
 
 
 def overlap_add(separate_fn: Callable[[np.ndarray], np.ndarray], mixture: np.ndarray,
-                chunk: int, overlap: float, batch_size: int, progress=None) -> np.ndarray:
+                chunk: int, overlap: float, batch_size: int, progress=None,
+                in_flight: int = 1) -> np.ndarray:
   """Mixture (N,) -> stems (N, S) by chunked, batched, cross-faded separation.
 
-  separate_fn maps (batch_size, chunk) mixtures to (batch_size, chunk, S) stems.
+  separate_fn maps (batch_size, chunk) mixtures to (batch_size, chunk, S) stems. With
+  `in_flight` > 1 that many batches are separated at once from worker threads (XLA on CPU
+  runs parts of the model, e.g. the LSTM recurrence, on one core, so two calls in flight
+  keep both cores busy); the result does not depend on it.
   """
   if not 0.0 <= overlap < 1.0:
     raise ValueError(f'overlap must be in [0, 1), got {overlap}.')
+  if in_flight < 1:
+    raise ValueError(f'in_flight must be >= 1, got {in_flight}.')
   n = mixture.shape[0]
   hop = max(1, int(round(chunk * (1.0 - overlap))))
   starts = chunk_starts(n, chunk, hop)
@@ -55,12 +63,16 @@ def overlap_add(separate_fn: Callable[[np.ndarray], np.ndarray], mixture: np.nda
   padded[:n] = mixture
   window = crossfade_window(chunk, hop)
   out, weight = None, np.zeros(padded.shape[0], np.float32)
-  for b in range(0, len(starts), batch_size):
-    group = starts[b:b + batch_size]
+
+  def batch_of(group):
     batch = np.zeros((batch_size, chunk), np.float32)
     for j, s in enumerate(group):
       batch[j] = padded[s:s + chunk]
-    stems = np.asarray(separate_fn(batch))
+    return batch
+
+  def add(group, stems):
+    nonlocal out
+    stems = np.asarray(stems)
     if out is None:
       out = np.zeros((padded.shape[0], stems.shape[-1]), np.float32)
     for j, s in enumerate(group):
@@ -68,6 +80,22 @@ def overlap_add(separate_fn: Callable[[np.ndarray], np.ndarray], mixture: np.nda
       weight[s:s + chunk] += window
     if progress is not None:
       progress(len(group))
+
+  groups = [starts[b:b + batch_size] for b in range(0, len(starts), batch_size)]
+  if in_flight == 1:
+    for group in groups:
+      add(group, separate_fn(batch_of(group)))
+  else:  # at most in_flight batches queued, so memory stays bounded on long files
+    pending = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
+      for group in groups:
+        pending.append((group, pool.submit(separate_fn, batch_of(group))))
+        if len(pending) >= in_flight:
+          done_group, future = pending.popleft()
+          add(done_group, future.result())
+      while pending:
+        done_group, future = pending.popleft()
+        add(done_group, future.result())
   return (out / weight[:, None])[:n]
 
 
@@ -124,7 +152,7 @@ class Separator:
       raise ValueError('The mixture has NaN/inf samples; clean them before separating.')
     inf = self.config.inference
     return overlap_add(lambda b: self.separate_chunks(b)[0], mixture, self.chunk, inf.overlap,
-                       inf.batch_size, progress)
+                       inf.batch_size, progress, inf.in_flight)
 
 
 def separate_file(separator: Separator, path: str, out_dir: str, stems: Sequence[str],
@@ -175,6 +203,8 @@ def main(argv):
     separator.config.inference.overlap = flags_.overlap
   if flags_.batch_size:
     separator.config.inference.batch_size = flags_.batch_size
+  if flags_.in_flight:
+    separator.config.inference.in_flight = flags_.in_flight
   print(f'Restored {flags_.workdir} at step {separator.step}.', file=sys.stderr)
   for path in files:
     r = separate_file(separator, path, flags_.out, separator.config.data.stems)
@@ -190,6 +220,7 @@ def _define_flags():
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.")
   flags.DEFINE_float('overlap', None, 'Chunk overlap in [0, 1) (default: the config\'s).')
   flags.DEFINE_integer('batch_size', 0, 'Chunks per device call (default: the config\'s).')
+  flags.DEFINE_integer('in_flight', 0, 'Device calls at once (default: the config\'s).')
   flags.mark_flags_as_required(['workdir'])
 
 

@@ -71,9 +71,21 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
   return optax.chain(*parts)
 
 
-def learning_rate(step, lr_scale, optim: ml_collections.ConfigDict):
+def learning_rate(step, lr_scale, optim: ml_collections.ConfigDict, total_steps: int):
+  """lr * plateau scale * linear warm-up * decay ('constant', or 'cosine' from the end of the
+  warm-up down to `final_lr_fraction` of lr at `total_steps`)."""
   warmup = jnp.minimum(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
-  return optim.lr * lr_scale * warmup
+  decay_kind = optim.get('decay', 'constant')
+  if decay_kind == 'constant':
+    decay = 1.0
+  elif decay_kind == 'cosine':
+    span = max(int(total_steps) - int(optim.warmup_steps), 1)
+    frac = jnp.clip((step - optim.warmup_steps) / span, 0.0, 1.0)
+    final = optim.get('final_lr_fraction', 0.0)
+    decay = final + (1.0 - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+  else:
+    raise ValueError(f"optim.decay must be 'constant' or 'cosine', got {decay_kind!r}.")
+  return optim.lr * lr_scale * warmup * decay
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
@@ -122,7 +134,7 @@ def train_step(state: TrainState, batch: jax.Array, *, config: ml_collections.Co
 
   (loss, (parts, new_vars, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.global_norm(grads)
-  lr = learning_rate(state.step, state.lr_scale, config.optim)
+  lr = learning_rate(state.step, state.lr_scale, config.optim, config.num_train_steps)
   updates, opt_state = make_optimizer(config.optim).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, jax.tree_util.tree_map(lambda u: -lr * u, updates))
 
@@ -403,11 +415,13 @@ def _flatten_config(config) -> Dict[str, Any]:
 
 def validation_batches(tracks, config: ml_collections.ConfigDict, batch_size: int
                        ) -> List[np.ndarray]:
-  """A fixed validation subset: the first windows of the evaluation protocol, as batches."""
+  """A fixed validation subset: windows of the evaluation protocol spread over the split."""
   from data import windows as windows_lib, pipeline
   ev = windows_lib.eval_windows(tracks, config.data)
   wanted = config.num_eval_batches * batch_size * jax.process_count()
-  picked = ev.windows[:wanted][jax.process_index()::jax.process_count()]
+  # Evenly spread over the protocol's windows (so over tracks), not the first few tracks.
+  spread = np.unique(np.linspace(0, len(ev.windows) - 1, wanted).round().astype(int))
+  picked = [ev.windows[i] for i in spread][jax.process_index()::jax.process_count()]
   if not picked:
     raise ValueError('The validation split has no window with two active stems; check the data.')
   arrays = [pipeline.load_stems(tracks[t], start, config.data.eval_window_samples,

@@ -28,6 +28,36 @@ def test_overlap_add_reconstructs_an_identity_separator():
     separate.overlap_add(fn, x, 200, 1.0, 2)
 
 
+def test_overlap_add_in_flight_matches_sequential_and_bounds_concurrency():
+  import threading
+  import time
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=3001).astype(np.float32)
+  lock, state = threading.Lock(), {'now': 0, 'max': 0, 'calls': 0}
+
+  def fn(b):
+    with lock:
+      state['now'] += 1
+      state['calls'] += 1
+      state['max'] = max(state['max'], state['now'])
+    time.sleep(0.01)
+    with lock:
+      state['now'] -= 1
+    # Depends on the batch values, so a mixed-up order would show.
+    return np.stack([np.sin(b), np.cos(b) * b, b ** 2, b], -1)
+
+  reference = separate.overlap_add(fn, x, chunk=200, overlap=0.5, batch_size=2)
+  calls = state['calls']
+  for in_flight in (2, 3):
+    state['max'] = 0
+    out = separate.overlap_add(fn, x, chunk=200, overlap=0.5, batch_size=2, in_flight=in_flight)
+    np.testing.assert_array_equal(out, reference)
+    assert 2 <= state['max'] <= in_flight
+  assert state['calls'] == 3 * calls
+  with pytest.raises(ValueError, match='in_flight'):
+    separate.overlap_add(fn, x, 200, 0.5, 2, in_flight=0)
+
+
 def test_eval_writes_metrics_with_documented_fields(smoke_run):
   cfg, workdir = smoke_run
   result = evaluation.evaluate(cfg, workdir, 'test', 'best', verbose=False)

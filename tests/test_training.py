@@ -81,6 +81,22 @@ def test_plateau_halves_lr_and_counts_bad_evals():
   assert float(state.best_val) == pytest.approx(3.04)
 
 
+def test_learning_rate_warmup_and_cosine_decay():
+  optim = get_config('smoke').optim
+  optim.lr, optim.warmup_steps = 1e-3, 10
+  lr = lambda step, scale=1.0: float(training.learning_rate(step, scale, optim, 110))
+  assert lr(0) == pytest.approx(1e-4) and lr(9) == pytest.approx(1e-3)
+  assert lr(500) == pytest.approx(1e-3)                       # 'constant' after warm-up
+  optim.decay, optim.final_lr_fraction = 'cosine', 0.1
+  assert lr(10) == pytest.approx(1e-3)
+  assert lr(60) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))   # half-way: cos(pi / 2) = 0
+  assert lr(110) == pytest.approx(1e-4) and lr(1000) == pytest.approx(1e-4)
+  assert lr(60, 0.5) == pytest.approx(0.5 * lr(60))           # the plateau scale multiplies
+  optim.decay = 'linear'
+  with pytest.raises(ValueError, match='cosine'):
+    lr(0)
+
+
 def _params(workdir):
   cfg = ckpt_lib.load_config(workdir)
   abstract = training.create_train_state(cfg, jax.random.PRNGKey(0))
@@ -141,35 +157,41 @@ cfg.model.quantizer.restart_every = 0   # one step, no restart: only reduction o
 # a bias followed by a training-mode BatchNorm) into +-lr. eps=1 makes the step ~lr * g, so
 # the comparison checks the gradients and the update itself.
 cfg.optim.eps = 1.0
+cfg.loss.mel_window_powers = (6,)   # one mel scale: the loss path is kept, compiles faster
 rng = np.random.default_rng(0)
 batch = (0.1 * rng.normal(size=(4, cfg.data.segment_samples, 4))).astype(np.float32)
-mesh = parallel.make_mesh()
-repl = parallel.replicated(mesh)
-state = jax.device_put(training.create_train_state(cfg, jax.random.PRNGKey(0)), repl)
-before = jax.device_get(state.params)
-step = jax.jit(functools.partial(training.train_step, config=cfg),
-               in_shardings=(repl, parallel.data_sharded(mesh)), out_shardings=(repl, repl))
-state, m = step(state, parallel.shard_batch(batch, mesh))
-delta = jax.tree_util.tree_map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
-                               jax.device_get(state.params), before)
-leaves = {{jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(delta)}}
-np.savez({out!r}, **leaves)
-print(json.dumps({{'devices': jax.device_count(), 'loss': float(m['loss/total'])}}))
+assert jax.device_count() == 2, jax.devices()
+for n in (1, 2):
+  mesh = parallel.make_mesh(jax.devices()[:n])
+  repl = parallel.replicated(mesh)
+  state = jax.device_put(training.create_train_state(cfg, jax.random.PRNGKey(0)), repl)
+  before = jax.device_get(state.params)
+  step = jax.jit(functools.partial(training.train_step, config=cfg),
+                 in_shardings=(repl, parallel.data_sharded(mesh)), out_shardings=(repl, repl))
+  state, m = step(state, parallel.shard_batch(batch, mesh))
+  delta = jax.tree_util.tree_map(
+      lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
+      jax.device_get(state.params), before)
+  leaves = {{jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(delta)}}
+  np.savez({out!r} + f'{{n}}.npz', **leaves)
+  print(json.dumps({{'devices': len(mesh.devices.flat), 'loss': float(m['loss/total'])}}))
 '''
 
 
 def test_two_devices_match_one_device(tmp_path):
+  # One process with two fake CPU devices runs the step on a 1-device and a 2-device mesh.
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+  out = tmp_path / 'params'
+  proc = subprocess.run([sys.executable, '-c', _TWO_DEVICES.format(repo=REPO, out=str(out))],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   results = {}
-  for n in (1, 2):
-    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}',
-               JAX_PLATFORMS='cpu')
-    out = tmp_path / f'params{n}.npz'
-    proc = subprocess.run([sys.executable, '-c', _TWO_DEVICES.format(repo=REPO, out=str(out))],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    info = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert info['devices'] == n
-    results[n] = (info['loss'], dict(np.load(out)))
+  for line in proc.stdout.strip().splitlines()[-2:]:
+    info = json.loads(line)
+    n = info['devices']
+    results[n] = (info['loss'], dict(np.load(f'{out}{n}.npz')))
+  assert set(results) == {1, 2}
   # Same global batch, same math; only the reduction order of the collectives differs.
   assert results[1][0] == pytest.approx(results[2][0], rel=1e-5)
   one, two = results[1][1], results[2][1]
