@@ -79,6 +79,7 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   d.shift_augmentation = True              # random shift in [-segment/2, segment/2)
   d.min_track_seconds = 12.0
   d.max_track_seconds = 640.0
+  d.missing_stems = 'drop'                 # a track without a stem file: 'drop' it, or 'zeros' (MSDM)
   d.num_parallel_reads = 4
   d.prefetch_batches = 2
   d.synthetic = ml_collections.ConfigDict()

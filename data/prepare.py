@@ -259,21 +259,14 @@ def main(argv=None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('src')
   parser.add_argument('dst')
-  parser.add_argument('--config', default='paper', help='variant of configs/rqvae.py')
   parser.add_argument('--splits', default=','.join(slakh.SPLITS))
   parser.add_argument('--workers', type=int)
   parser.add_argument('--overwrite', action='store_true')
   parser.add_argument('--fill-missing', action='store_true',
                       help='write silence for a missing stem file instead of dropping')
-  parser.add_argument('--min-seconds', type=float, help='default: data.min_track_seconds')
-  parser.add_argument('--max-seconds', type=float, help='default: data.max_track_seconds')
+  slakh.add_data_config_arguments(parser)
   args = parser.parse_args(argv)
-  from configs import rqvae  # pylint: disable=g-import-not-at-top
-  data_config = rqvae.get_config(args.config).data
-  if args.min_seconds is not None:
-    data_config.min_track_seconds = args.min_seconds
-  if args.max_seconds is not None:
-    data_config.max_track_seconds = args.max_seconds
+  data_config = slakh.data_config_from_args(args)
   splits = tuple(s.strip() for s in args.splits.split(',') if s.strip())
   report = prepare(args.src, args.dst, data_config, splits=splits, workers=args.workers,
                    overwrite=args.overwrite, fill_missing=args.fill_missing)

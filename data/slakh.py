@@ -248,6 +248,24 @@ def load_track(track: Track, stems: Sequence[str]) -> np.ndarray:
   return load_stems(track, 0, track.num_frames, stems)
 
 
+def add_data_config_arguments(parser) -> None:
+  """--config (a variant of configs/rqvae.py) and the track duration limits, for the CLIs."""
+  parser.add_argument('--config', default='paper', help='variant of configs/rqvae.py')
+  parser.add_argument('--min-seconds', type=float, help='default: data.min_track_seconds')
+  parser.add_argument('--max-seconds', type=float, help='default: data.max_track_seconds')
+
+
+def data_config_from_args(args):
+  """The config's data section with the command line's duration limits applied."""
+  from configs import rqvae  # pylint: disable=g-import-not-at-top
+  data_config = rqvae.get_config(args.config).data
+  if args.min_seconds is not None:
+    data_config.min_track_seconds = args.min_seconds
+  if args.max_seconds is not None:
+    data_config.max_track_seconds = args.max_seconds
+  return data_config
+
+
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] == 'prepare':
@@ -259,17 +277,10 @@ def main(argv=None):
   parser.add_argument('command', choices=['scan'])
   parser.add_argument('root')
   parser.add_argument('--split', default='all', choices=SPLITS + ('all',))
-  parser.add_argument('--config', default='paper', help='variant of configs/rqvae.py')
-  parser.add_argument('--min-seconds', type=float, help='default: data.min_track_seconds')
-  parser.add_argument('--max-seconds', type=float, help='default: data.max_track_seconds')
+  add_data_config_arguments(parser)
   parser.add_argument('--json', action='store_true', help='print the kept tracks as JSON')
   args = parser.parse_args(argv)
-  from configs import rqvae  # pylint: disable=g-import-not-at-top
-  data_config = rqvae.get_config(args.config).data
-  if args.min_seconds is not None:
-    data_config.min_track_seconds = args.min_seconds
-  if args.max_seconds is not None:
-    data_config.max_track_seconds = args.max_seconds
+  data_config = data_config_from_args(args)
   ok = True
   listing = {}
   for split in (SPLITS if args.split == 'all' else (args.split,)):

@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -111,6 +112,16 @@ def test_resume_matches_uninterrupted_run(tmp_path, smoke_run):
   cfg_half = smoke_config(tmp_path, num_train_steps=2)
   cfg_half.data.synthetic.cache_dir = cfg.data.synthetic.cache_dir
   training.train_and_evaluate(cfg_half, str(part))
+  assert ckpt_lib.Checkpointer(str(part)).latest_step() == 2
+  # What `kill -9` in the middle of saving step 3 leaves on disk: Orbax's unfinished temporary
+  # folder with truncated files (a finished save is renamed to `3/` at the very end).
+  ckpts = part / 'checkpoints'
+  partial = ckpts / '3.orbax-checkpoint-tmp-1795600000000000'
+  shutil.copytree(ckpts / '2', partial)
+  files = [p for p in partial.rglob('*') if p.is_file()]
+  assert files
+  for f in files:
+    f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 3])
   assert ckpt_lib.Checkpointer(str(part)).latest_step() == 2
   cfg = smoke_config(tmp_path)
   cfg.data.synthetic.cache_dir = cfg_half.data.synthetic.cache_dir
