@@ -25,7 +25,7 @@ from rqvae_jax import losses
 from rqvae_jax import metrics as metrics_lib
 from rqvae_jax import parallel
 from rqvae_jax import quantizer as qz
-from rqvae_jax.model import RQVAE, normalize
+from rqvae_jax.model import RQVAE, next_valid_length, normalize
 
 MUTABLE = ['batch_stats', qz.STATS]
 
@@ -181,7 +181,12 @@ def eval_step(state: TrainState, batch: jax.Array, *, config: ml_collections.Con
   """Validation on stems (B, N, S) with the EMA codebooks: estimates, loss, SI-SDRi per stem."""
   model = RQVAE(config.model)
   mixture = jnp.sum(batch, axis=-1)
-  estimate, aux = model.apply(state.variables(use_ema=True), mixture, train=False)
+  # Validation windows (data.eval_window_samples) need not be a length the model maps to
+  # itself: pad with silence to the next one and crop the estimate.
+  length = mixture.shape[1]
+  padded = jnp.pad(mixture, ((0, 0), (0, next_valid_length(length, config.model) - length)))
+  estimate, aux = model.apply(state.variables(use_ema=True), padded, train=False)
+  estimate = estimate[:, :length]
   loss, _ = losses.total_loss(normalize(batch, config.model), normalize(estimate, config.model),
                               aux, config.loss, config.data.sample_rate)
   return {'estimate': estimate, 'loss': loss,

@@ -19,9 +19,9 @@ from tests.conftest import smoke_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _batch(cfg, seed=0):
+def _batch(cfg, seed=0, length=None):
   rng = np.random.default_rng(seed)
-  t = np.arange(cfg.data.segment_samples) / cfg.data.sample_rate
+  t = np.arange(length or cfg.data.segment_samples) / cfg.data.sample_rate
   freqs = np.array([55.0, 200.0, 330.0, 520.0])
   stems = 0.2 * np.sin(2 * np.pi * freqs * t[:, None] + rng.uniform(0, 6, size=(2, 1, 4)))
   return jnp.asarray(stems + 0.01 * rng.normal(size=stems.shape), jnp.float32)
@@ -68,6 +68,16 @@ def test_nan_batch_is_skipped_and_counted(step_fn):
                                 state.codebook_stats['quantizer']['usage'])
   state, m = step(state, _batch(cfg, 1))   # training goes on after the bad batch
   assert float(m['skipped']) == 0.0 and np.isfinite(float(m['loss/total']))
+
+
+def test_eval_step_pads_windows_of_any_length():
+  cfg = get_config('smoke')
+  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  n = cfg.data.segment_samples + 99                 # not a length the conv stack maps back
+  stems = _batch(cfg, length=n)
+  out = training.eval_step(state, stems, config=cfg)
+  assert out['estimate'].shape == stems.shape
+  assert np.isfinite(float(out['loss'])) and np.all(np.isfinite(np.asarray(out['sisdri'])))
 
 
 def test_plateau_halves_lr_and_counts_bad_evals():
