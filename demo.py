@@ -38,10 +38,15 @@ def main(argv):
 
   print(f'[2/4] Training {config.num_train_steps} steps of configs/rqvae.py:{FLAGS.variant} '
         f'in {workdir} ...', file=sys.stderr)
+  t_train = time.time()
   training.train_and_evaluate(config, workdir)
+  t_eval = time.time()
+  print(f'      trained in {(t_eval - t_train) / 60:.1f} min', file=sys.stderr)
 
   print('[3/4] Evaluating on the test split ...', file=sys.stderr)
   result = evaluation.evaluate(config, workdir, 'test', 'best')
+  t_sep = time.time()
+  print(f'      evaluated in {(t_sep - t_eval) / 60:.1f} min', file=sys.stderr)
 
   print('[4/4] Separating one test song (written as 44.1 kHz stereo to show the format '
         'round trip) ...', file=sys.stderr)
@@ -53,6 +58,7 @@ def main(argv):
   sep = separate.Separator.from_workdir(workdir, 'best')
   info = separate.separate_file(sep, song, os.path.join(workdir, 'separated'),
                                 config.data.stems)
+  print(f'      separated in {time.time() - t_sep:.0f} s', file=sys.stderr)
   ns = result['model']['nonsilent']
   zero = result['baselines']['all_zero']['nonsilent']
   print('\nDone in {:.1f} min.'.format((time.time() - t0) / 60))
