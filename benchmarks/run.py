@@ -220,6 +220,8 @@ def main(argv=None):
     if 'separate_audio_s_per_s' in orig and 'separate_audio_s_per_s' in result:
       result['separate_speedup_vs_original'] = round(
           result['separate_audio_s_per_s'] / orig['separate_audio_s_per_s'], 2)
+      result['separate_in_flight_speedup_vs_original'] = round(
+          result['separate_in_flight_audio_s_per_s'] / orig['separate_audio_s_per_s'], 2)
   line = json.dumps(result)
   print(line)
   if args.out:

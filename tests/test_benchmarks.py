@@ -12,7 +12,8 @@ def test_quick_benchmark_prints_complete_json(tmp_path):
   out_file = tmp_path / 'results.jsonl'
   # One mel scale: the quick mode checks the JSON, and the full loss only adds compile time.
   proc = subprocess.run([sys.executable, '-m', 'benchmarks.run', '--quick',
-                         '--set', 'loss.mel_window_powers=(6,)', '--out', str(out_file)], cwd=REPO, capture_output=True, text=True,
+                         '--set', 'loss.mel_window_powers=(6,)', '--out', str(out_file)],
+                        cwd=REPO, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])

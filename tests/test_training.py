@@ -75,7 +75,7 @@ def test_eval_step_pads_windows_of_any_length():
   state = training.create_train_state(cfg, jax.random.PRNGKey(0))
   n = cfg.data.segment_samples + 99                 # not a length the conv stack maps back
   stems = _batch(cfg, length=n)
-  out = training.eval_step(state, stems, config=cfg)
+  out = jax.jit(functools.partial(training.eval_step, config=cfg))(state, stems)
   assert out['estimate'].shape == stems.shape
   assert np.isfinite(float(out['loss'])) and np.all(np.isfinite(np.asarray(out['sisdri'])))
 
@@ -178,7 +178,7 @@ cfg.model.quantizer.restart_every = 0   # one step, no restart: only reduction o
 # a bias followed by a training-mode BatchNorm) into +-lr. eps=1 makes the step ~lr * g, so
 # the comparison checks the gradients and the update itself.
 cfg.optim.eps = 1.0
-cfg.loss.mel_window_powers = (6,)   # one mel scale: the loss path is kept, compiles faster
+cfg.loss.mel_window_powers = (6,)   # one mel scale keeps the loss path and compiles faster
 rng = np.random.default_rng(0)
 batch = (0.1 * rng.normal(size=(4, cfg.data.segment_samples, 4))).astype(np.float32)
 assert jax.device_count() == 2, jax.devices()
