@@ -75,13 +75,13 @@ def learning_rate(step, lr_scale, optim: ml_collections.ConfigDict, total_steps:
   """lr * plateau scale * linear warm-up * decay ('constant', or 'cosine' from the end of the
   warm-up down to `final_lr_fraction` of lr at `total_steps`)."""
   warmup = jnp.minimum(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
-  decay_kind = optim.get('decay', 'constant')
+  decay_kind = optim.decay
   if decay_kind == 'constant':
     decay = 1.0
   elif decay_kind == 'cosine':
     span = max(int(total_steps) - int(optim.warmup_steps), 1)
     frac = jnp.clip((step - optim.warmup_steps) / span, 0.0, 1.0)
-    final = optim.get('final_lr_fraction', 0.0)
+    final = optim.final_lr_fraction
     decay = final + (1.0 - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
   else:
     raise ValueError(f"optim.decay must be 'constant' or 'cosine', got {decay_kind!r}.")

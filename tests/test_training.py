@@ -131,7 +131,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, smoke_run):
   files = [p for p in partial.rglob('*') if p.is_file()]
   assert files
   for f in files:
-    f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 3])
+    data = f.read_bytes()
+    f.write_bytes(data[:len(data) // 3])
   assert ckpt_lib.Checkpointer(str(part)).latest_step() == 2
   cfg = smoke_config(tmp_path)
   cfg.data.synthetic.cache_dir = cfg_half.data.synthetic.cache_dir
