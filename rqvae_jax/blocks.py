@@ -110,9 +110,17 @@ def conv_transpose(x, kernel, stride: int, padding: int):
   phase and overlap-added with ceil(k / stride) shifted reshapes. XLA's CPU
   `conv_transpose` dilates the input with stride-1 zeros and convolves, wasting ~stride x
   the work: this form was 4x faster forward+backward on the paper's decoder (2-core CPU).
+  Stride 1 (the output layer) is a plain XLA convolution with the taps reversed: 1.4-1.7x
+  faster forward+backward than the tap form on (2, 88200, 16) -> 4 channels, k = 3.
   """
   k, c_out, _ = kernel.shape
   b, length, _ = x.shape
+  if stride == 1 and padding <= k - 1:
+    # No (B, L, k, C) tap tensor: for a long stride-1 kernel (k = 63 at full rate) that
+    # tensor and its gradient took gigabytes.
+    flipped = jnp.flip(kernel, axis=0).transpose(0, 2, 1).astype(x.dtype)
+    return jax.lax.conv_general_dilated(x, flipped, (1,), [(k - 1 - padding, k - 1 - padding)],
+                                        dimension_numbers=('NWC', 'WIO', 'NWC'))
   groups = -(-k // stride)
   padded = jnp.pad(kernel, ((0, groups * stride - k), (0, 0), (0, 0)))
   taps = jnp.einsum('blc,koc->blko', x, padded.astype(x.dtype))

@@ -17,7 +17,8 @@ def _numpy_conv_transpose(x, w_torch, stride, padding):
   return full[:, padding:full.shape[1] - padding]
 
 
-@pytest.mark.parametrize('k,s,p', [(4, 2, 1), (6, 4, 1), (7, 5, 1), (3, 1, 1), (9, 2, 0)])
+@pytest.mark.parametrize('k,s,p', [(4, 2, 1), (6, 4, 1), (7, 5, 1), (3, 1, 1), (9, 2, 0),
+                                   (15, 1, 1), (2, 1, 3)])
 def test_conv_transpose_matches_pytorch_definition(k, s, p):
   rng = np.random.default_rng(k * 10 + s)
   x = rng.normal(size=(2, 9, 3)).astype(np.float32)
