@@ -33,7 +33,34 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         f'{workdir!r} holds no rqvae-jax run ({CONFIG_FILE} is missing). Point --workdir at a '
         'folder written by `python train.py --workdir DIR`.')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    saved = json.load(f)
+  return ml_collections.ConfigDict(_fill_defaults(saved))
+
+
+def _fill_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
+  """The saved fields over the current defaults of the saved variant.
+
+  A workdir written before a field existed (e.g. `inference.in_flight`) still loads: the
+  field takes its default, which keeps the earlier behaviour. Saved values always win.
+  """
+  try:
+    from configs import rqvae  # pylint: disable=g-import-not-at-top
+  except ImportError:           # the library used outside this repository: no defaults
+    return saved
+  variant = saved.get('variant', 'paper')
+  if variant not in rqvae.VARIANTS:
+    return saved
+
+  def merge(default, override):
+    out = dict(default)
+    for key, value in override.items():
+      if isinstance(value, dict) and isinstance(out.get(key), dict):
+        out[key] = merge(out[key], value)
+      else:
+        out[key] = value
+    return out
+
+  return merge(rqvae.get_config(variant).to_dict(), saved)
 
 
 def _flatten(d: Any, prefix: str = '') -> Dict[str, Any]:

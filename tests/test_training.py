@@ -158,6 +158,21 @@ def test_config_mismatch_names_fields(tmp_path):
     training.train_and_evaluate(other, str(tmp_path / 'w'))
 
 
+def test_config_of_an_older_workdir_gets_new_fields_as_defaults(tmp_path):
+  cfg = smoke_config(tmp_path)
+  cfg.inference.overlap = 0.25
+  ckpt_lib.save_config(str(tmp_path), cfg)
+  path = tmp_path / ckpt_lib.CONFIG_FILE
+  saved = json.loads(path.read_text())
+  del saved['inference']['in_flight']            # written before the field existed
+  saved['model']['extra_field'] = 7              # a field these defaults do not know
+  path.write_text(json.dumps(saved))
+  loaded = ckpt_lib.load_config(str(tmp_path))
+  assert loaded.inference.in_flight == get_config('smoke').inference.in_flight
+  assert loaded.inference.overlap == 0.25 and loaded.model.extra_field == 7
+  assert tuple(loaded.model.channels) == tuple(cfg.model.channels)
+
+
 def test_train_cli_rejects_unknown_override(tmp_path):
   out = subprocess.run([sys.executable, 'train.py', '--config', 'configs/rqvae.py:smoke',
                         '--workdir', str(tmp_path), '--config.optim.learning_rate=1'],
