@@ -42,6 +42,16 @@ def _summary(values: np.ndarray, active: np.ndarray, stems) -> Dict[str, Any]:
   return out
 
 
+def _leakage_summary(leak: np.ndarray, active: np.ndarray, stems) -> Dict[str, Dict[str, Any]]:
+  """leak (W, S, S) cos^2 [estimate, reference] -> {estimate: {reference: mean}}, averaged
+  over the windows where that reference is not silent."""
+  out = {}
+  for i, est_name in enumerate(stems):
+    out[est_name] = {ref_name: (float(np.mean(leak[active[:, j], i, j])) if active[:, j].any()
+                                else None) for j, ref_name in enumerate(stems)}
+  return out
+
+
 def _sisdri(ref, est, mix):
   return np.asarray(metrics_lib.si_sdr_improvement(ref, est, mix))
 
@@ -76,7 +86,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
   os.makedirs(os.path.join(out_dir, 'examples'), exist_ok=True)
   q = config.model.quantizer
   counts = np.zeros((q.num_quantizers, q.codebook_size), np.int64)
-  model_vals, zero_vals, mix4_vals = [], [], []
+  model_vals, zero_vals, mix4_vals, leak_vals = [], [], [], []
   by_track: Dict[int, list] = {}
   for w, (t, start) in enumerate(ev.windows):
     by_track.setdefault(t, []).append((w, start))
@@ -115,6 +125,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
         counts += c.astype(np.int64)
       ests = np.concatenate(ests)
     model_vals.append(_sisdri(refs, ests, mixes))
+    leak_vals.append(np.asarray(metrics_lib.leakage(refs, ests)))
     zero_vals.append(_sisdri(refs, np.zeros_like(refs), mixes))
     mix4_vals.append(_sisdri(refs, np.repeat(mixes[..., None] / len(stems), len(stems), -1), mixes))
     while examples_written < config.eval.num_example_wavs and examples_written < len(items):
@@ -137,6 +148,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
     print(file=sys.stderr)
   active = ev.active
   model_vals, zero_vals, mix4_vals = (np.concatenate(v) for v in (model_vals, zero_vals, mix4_vals))
+  leak = _leakage_summary(np.concatenate(leak_vals), active, stems)
   # Windows were grouped by track in the same (track, time) order as ev.windows.
   usage = np.asarray(separator.variables['codebook_stats']['quantizer']['usage'])
   result = {
@@ -145,6 +157,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
       'windows_kept': int(ev.num_kept), 'windows_skipped': int(ev.num_skipped),
       'silence_threshold': float(data_cfg.silence_threshold),
       'model': _summary(model_vals, active, stems),
+      'leakage': leak,
       'baselines': {'all_zero': _summary(zero_vals, active, stems),
                     'mixture_over_4': _summary(mix4_vals, active, stems)},
       'codebook': {
@@ -176,4 +189,11 @@ def format_table(result: Dict[str, Any], stems) -> str:
       v = r[figure]
       lines.append(f'  {name:22s}' + ''.join(fmt(v['per_stem_mean'][s]) for s in stems)
                    + fmt(v['mean']) + fmt(v['median']))
+  leak = result.get('leakage')
+  if leak:
+    lines.append('-- leakage: share of each estimate explained by each reference (cos^2)')
+    header = '  estimate \\ reference'
+    lines.append(f'{header:24s}' + ''.join(f'{s:>8s}' for s in stems))
+    for est_name in stems:
+      lines.append(f'  {est_name:22s}' + ''.join(fmt(leak[est_name][r]) for r in stems))
   return '\n'.join(lines)

@@ -33,6 +33,21 @@ def si_sdr_improvement(reference, estimate, mixture, eps: float = 1e-8) -> jnp.n
   return si_sdr(ref, estimate, eps) - si_sdr(ref, mix, eps)
 
 
+def leakage(reference, estimate, eps: float = 1e-12) -> jnp.ndarray:
+  """Share of each estimate's energy explained by each reference: (..., N, S) -> (..., S, S).
+
+  Entry [i, j] is cos^2 between estimate i and reference j (1 = estimate i is reference j up to
+  scale, 0 = orthogonal). The diagonal is what SI-SDR scores; a large off-diagonal [i, j] says
+  stem j leaks into estimate i (e.g. guitar and piano confused). 0 where either is silent.
+  """
+  ref = jnp.asarray(reference, jnp.float32)
+  est = jnp.asarray(estimate, jnp.float32)
+  dots = jnp.einsum('...ni,...nj->...ij', est, ref)
+  est_energy = jnp.sum(jnp.square(est), axis=-2)[..., :, None]
+  ref_energy = jnp.sum(jnp.square(ref), axis=-2)[..., None, :]
+  return jnp.square(dots) / (est_energy * ref_energy + eps)
+
+
 # ----- silence and window selection -----
 
 

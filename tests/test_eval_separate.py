@@ -65,7 +65,7 @@ def test_eval_writes_metrics_with_documented_fields(smoke_run):
   saved = json.load(open(path))
   assert saved == json.loads(json.dumps(result))
   for key in ('split', 'checkpoint_step', 'config_hash', 'windows_kept', 'windows_skipped',
-              'model', 'baselines', 'codebook'):
+              'model', 'baselines', 'codebook', 'leakage'):
     assert key in saved
   assert saved['windows_kept'] > 0
   for figure in ('msdm', 'nonsilent'):
@@ -73,6 +73,10 @@ def test_eval_writes_metrics_with_documented_fields(smoke_run):
     assert math.isfinite(block['mean']) and math.isfinite(block['median'])
     assert all(v is None or math.isfinite(v) for v in block['per_stem_mean'].values())
   assert set(saved['baselines']) == {'all_zero', 'mixture_over_4'}
+  stems = tuple(cfg.data.stems)
+  assert tuple(saved['leakage']) == stems
+  for row in saved['leakage'].values():
+    assert tuple(row) == stems and all(v is None or 0.0 <= v <= 1.0 + 1e-6 for v in row.values())
   # MSDM's formula gives an all-zero estimate SI-SDR 0 dB: its SI-SDRi is -SI-SDR(mix), and
   # on a silent reference it is about +100 dB, hence the two figures.
   zero = saved['baselines']['all_zero']

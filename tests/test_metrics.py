@@ -32,6 +32,20 @@ def test_si_sdr_matches_numpy():
   np.testing.assert_allclose(got, want, atol=1e-3)
 
 
+def test_leakage_matches_cosines():
+  t = np.arange(4000) / 4000.0
+  refs = np.stack([np.sin(2 * np.pi * f * t) for f in (5.0, 11.0, 23.0)], -1)  # orthogonal
+  est = np.stack([refs[:, 0] + 0.5 * refs[:, 1], 3.0 * refs[:, 1], np.zeros_like(t)], -1)
+  got = np.asarray(metrics.leakage(refs[None], est[None]))[0]
+  want = np.array([[1 / 1.25, 0.25 / 1.25, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  rng = np.random.default_rng(0)
+  r, e = rng.normal(size=(2, 300, 4)), rng.normal(size=(2, 300, 4))
+  cos2 = np.einsum('bni,bnj->bij', e, r) ** 2 / (
+      np.sum(e ** 2, 1)[:, :, None] * np.sum(r ** 2, 1)[:, None, :])
+  np.testing.assert_allclose(metrics.leakage(r, e), cos2, rtol=1e-4, atol=1e-7)
+
+
 def test_si_sdr_improvement_matches_numpy():
   ref, est = _signals(seed=1)
   mix = ref.sum(axis=-1)
