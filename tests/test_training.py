@@ -195,6 +195,9 @@ cfg.model.quantizer.restart_every = 0   # one step, no restart: only reduction o
 # the comparison checks the gradients and the update itself.
 cfg.optim.eps = 1.0
 cfg.loss.mel_window_powers = (6,)   # one mel scale keeps the loss path and compiles faster
+# Three conv blocks and one LSTM layer: the same layer kinds, half the graph to compile twice.
+cfg.model.channels, cfg.model.kernels, cfg.model.strides = (4, 8, 16), (3, 7, 7), (1, 5, 5)
+cfg.model.lstm_layers = 1
 rng = np.random.default_rng(0)
 batch = (0.1 * rng.normal(size=(4, cfg.data.segment_samples, 4))).astype(np.float32)
 assert jax.device_count() == 2, jax.devices()
