@@ -10,9 +10,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_quick_benchmark_prints_complete_json(tmp_path):
   out_file = tmp_path / 'results.jsonl'
-  # One mel scale: the quick mode checks the JSON, and the full loss only adds compile time.
+  # One mel scale, three conv blocks and one LSTM layer: the quick mode checks the JSON, and a
+  # bigger graph only adds compile time.
+  small = ['loss.mel_window_powers=(6,)', 'model.channels=(4, 8, 16)', 'model.kernels=(3, 7, 7)',
+           'model.strides=(1, 5, 5)', 'model.lstm_layers=1']
   proc = subprocess.run([sys.executable, '-m', 'benchmarks.run', '--quick',
-                         '--set', 'loss.mel_window_powers=(6,)', '--out', str(out_file)],
+                         *[arg for item in small for arg in ('--set', item)],
+                         '--out', str(out_file)],
                         cwd=REPO, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
