@@ -18,6 +18,14 @@ def _compilation_cache(tmp_path_factory):
   yield
 
 
+# For tests that compile the train step only to check plumbing (data parallelism, the
+# benchmark's JSON): the smoke model's layer kinds with three conv blocks, one LSTM layer and
+# one mel scale, about half the graph to compile. Dotted keys, as --config.x.y overrides.
+SMALL_GRAPH = {'model.channels': (4, 8, 16), 'model.kernels': (3, 7, 7),
+               'model.strides': (1, 5, 5), 'model.lstm_layers': 1,
+               'loss.mel_window_powers': (6,)}
+
+
 def smoke_config(root, **overrides):
   """The smoke config with its synthetic data under `root` and dotted overrides."""
   from configs.rqvae import get_config

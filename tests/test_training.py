@@ -14,7 +14,7 @@ import pytest
 from configs.rqvae import get_config
 from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import training
-from tests.conftest import smoke_config
+from tests.conftest import SMALL_GRAPH, smoke_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -194,10 +194,7 @@ cfg.model.quantizer.restart_every = 0   # one step, no restart: only reduction o
 # a bias followed by a training-mode BatchNorm) into +-lr. eps=1 makes the step ~lr * g, so
 # the comparison checks the gradients and the update itself.
 cfg.optim.eps = 1.0
-cfg.loss.mel_window_powers = (6,)   # one mel scale keeps the loss path and compiles faster
-# Three conv blocks and one LSTM layer: the same layer kinds, half the graph to compile twice.
-cfg.model.channels, cfg.model.kernels, cfg.model.strides = (4, 8, 16), (3, 7, 7), (1, 5, 5)
-cfg.model.lstm_layers = 1
+cfg.update_from_flattened_dict({small_graph!r})   # compiled twice: keep the graph small
 rng = np.random.default_rng(0)
 batch = (0.1 * rng.normal(size=(4, cfg.data.segment_samples, 4))).astype(np.float32)
 assert jax.device_count() == 2, jax.devices()
@@ -223,7 +220,8 @@ def test_two_devices_match_one_device(tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu')
   out = tmp_path / 'params'
-  proc = subprocess.run([sys.executable, '-c', _TWO_DEVICES.format(repo=REPO, out=str(out))],
+  script = _TWO_DEVICES.format(repo=REPO, out=str(out), small_graph=SMALL_GRAPH)
+  proc = subprocess.run([sys.executable, '-c', script],
                         env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   results = {}
