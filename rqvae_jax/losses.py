@@ -153,11 +153,14 @@ def _safe_norm(x: jnp.ndarray, axis: int) -> jnp.ndarray:
 
 
 def multiscale_mel_loss(target, estimate, loss_config, sample_rate: int) -> jnp.ndarray:
-  """Sum over stems and window sizes of (mel L1 + log-mel L2), as the original code sums it.
+  """Sum over stems and window sizes of (mel L1 + alpha * log-mel L2), as the original sums it.
 
   For w = 2**p, p in loss_config.mel_window_powers: n_fft = max(mel_min_n_fft, w),
   hop = w // 4. Each term is a mean over (batch, frames) of a sum (L1) or an L2 norm over
   mel bins; the log has an epsilon (the original has none and is NaN on silent stems).
+  alpha is `loss_config.mel_log_weight`: the paper's "alpha = 1" weighs the log term inside
+  this spectral loss (Gritsenko et al.), it is not the weight of the mel loss in the total
+  (`mel_weight`). A config without the field (an older workdir) gets 1, what it trained with.
   target, estimate: (B, N, S).
   """
   target = jnp.asarray(target, jnp.float32)
@@ -166,6 +169,7 @@ def multiscale_mel_loss(target, estimate, loss_config, sample_rate: int) -> jnp.
   # One spectrogram call for target and estimate, all stems: (2B, S, N).
   both = jnp.swapaxes(jnp.concatenate([target, estimate], axis=0), -1, -2)
   eps = loss_config.log_epsilon
+  log_weight = getattr(loss_config, 'mel_log_weight', 1.0)
   total = jnp.zeros((), jnp.float32)
   for p in loss_config.mel_window_powers:
     win = 2 ** int(p)
@@ -176,7 +180,7 @@ def multiscale_mel_loss(target, estimate, loss_config, sample_rate: int) -> jnp.
     l1 = jnp.sum(jnp.abs(mel_t - mel_e), axis=-1)                  # (B, S, T)
     l2 = _safe_norm(jnp.log(mel_t + eps) - jnp.log(mel_e + eps), axis=-1)
     # Mean over (batch, frames) per stem, summed over stems.
-    total = total + jnp.sum(jnp.mean(l1 + l2, axis=(0, 2)))
+    total = total + jnp.sum(jnp.mean(l1 + log_weight * l2, axis=(0, 2)))
   return total
 
 

@@ -125,24 +125,58 @@ def test_mel_spectrogram_hop_not_dividing_window():
   assert np.abs(ours - ref).max() / np.abs(ref).max() < 1e-4
 
 
-def test_mel_loss_matches_numpy_reference():
-  """The loss formula itself, on top of librosa spectrograms."""
-  cfg = get_config('smoke').loss
-  cfg.mel_window_powers = (6, 7, 10)
-  target = _audio((2, 4, 3000), seed=3).transpose(0, 2, 1)        # (B, N, S)
-  estimate = 0.7 * target + 0.05 * _audio((2, 4, 3000), seed=4).transpose(0, 2, 1)
-  expected = 0.0
+def _reference_mel_parts(cfg, target, estimate):
+  """(mel L1 part, log-mel L2 part) of the multi-scale loss from librosa, each summed over
+  stems and scales. target, estimate: (B, N, S)."""
+  l1_total = l2_total = 0.0
   for p in cfg.mel_window_powers:
     w = 2 ** p
     mel = lambda a: _librosa_mel(a.transpose(0, 2, 1), max(512, w), w, w // 4,
                                  cfg.num_mels)                     # (B, S, M, T)
     mt, me = mel(target), mel(estimate)
-    l1 = np.abs(mt - me).sum(axis=2).mean(axis=(0, 2))
-    l2 = np.sqrt(((np.log(mt + cfg.log_epsilon) - np.log(me + cfg.log_epsilon)) ** 2)
-                 .sum(axis=2)).mean(axis=(0, 2))
-    expected += (l1 + l2).sum()
+    l1_total += np.abs(mt - me).sum(axis=2).mean(axis=(0, 2)).sum()
+    l2_total += np.sqrt(((np.log(mt + cfg.log_epsilon) - np.log(me + cfg.log_epsilon)) ** 2)
+                        .sum(axis=2)).mean(axis=(0, 2)).sum()
+  return l1_total, l2_total
+
+
+def _mel_pair(seed=3, scale=1.0):
+  target = scale * _audio((2, 4, 3000), seed=seed).transpose(0, 2, 1)     # (B, N, S)
+  estimate = 0.7 * target + 0.05 * scale * _audio((2, 4, 3000), seed=seed + 1).transpose(0, 2, 1)
+  return target, estimate
+
+
+def test_mel_loss_matches_numpy_reference():
+  """The loss formula itself, on top of librosa spectrograms."""
+  cfg = get_config('smoke').loss
+  cfg.mel_window_powers = (6, 7, 10)
+  target, estimate = _mel_pair()
+  expected = sum(_reference_mel_parts(cfg, target, estimate))
   got = jax.jit(lambda t, e: losses.multiscale_mel_loss(t, e, cfg, SR))(target, estimate)
   np.testing.assert_allclose(float(got), expected, rtol=1e-4)
+
+
+def test_mel_log_weight_scales_only_the_log_term():
+  """mel_log_weight is the paper's alpha: the weight of the log-mel L2 term inside the loss."""
+  base = get_config('paper').loss
+  assert base.mel_log_weight == 1.0 and base.mel_weight == 1e-6
+  base.mel_window_powers = (6, 7, 10)
+  # Quiet audio: the L1 part scales with power, the log part does not; at 1/100 of the
+  # amplitude the two are of one size, so a wrong weighting shows at rtol 1e-4.
+  target, estimate = _mel_pair(scale=0.01)
+  l1, l2 = _reference_mel_parts(base, target, estimate)
+  assert 0.1 < l2 / l1 < 10, (l1, l2)
+
+  @jax.jit
+  def mel(log_weight):
+    cfg = types.SimpleNamespace(**base.to_dict())
+    cfg.mel_log_weight = log_weight                # traced: one compile for every weight
+    return losses.multiscale_mel_loss(target, estimate, cfg, SR)
+
+  np.testing.assert_allclose(float(mel(0.0)), l1, rtol=1e-4)
+  np.testing.assert_allclose(float(mel(1.0)), l1 + l2, rtol=1e-4)
+  np.testing.assert_allclose(float(mel(2.0)), l1 + 2.0 * l2, rtol=1e-4)
+  np.testing.assert_allclose(float(mel(2.0)) - float(mel(0.0)), 2.0 * l2, rtol=1e-3)
 
 
 def test_time_mse_matches_numpy():
