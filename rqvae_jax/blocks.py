@@ -28,6 +28,30 @@ def _torch_conv_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _torch_linear_init(fan_in: int):
+  """PyTorch's nn.Linear default for the weight and the bias alike: U(+-1/sqrt(fan_in)).
+
+  (kaiming_uniform(a=sqrt(5)) on the weight has exactly that bound.) Flax's Dense draws
+  lecun-normal weights (std 1/sqrt(fan_in), 1.7x the uniform's 1/sqrt(3 fan_in)) and a zero
+  bias; the bias gets no fan-in from its shape, so it is passed here.
+  """
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def dense_init(fan_in: int, torch_init: bool) -> dict:
+  """`nn.Dense` keyword arguments: PyTorch's nn.Linear init when `torch_init`, else Flax's
+  defaults (lecun-normal kernel, zero bias)."""
+  if not torch_init:
+    return {}
+  init = _torch_linear_init(fan_in)
+  return {'kernel_init': init, 'bias_init': init}
+
+
 def conv(x, kernel, stride: int, padding: int):
   """PyTorch Conv1d (no bias, dilation 1) on channels-last x (B, L, C_in), kernel (k, C_in, C_out).
 

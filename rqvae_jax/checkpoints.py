@@ -37,12 +37,23 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_fill_defaults(saved))
 
 
+# Fields whose default changed the behaviour when they were introduced: a config saved
+# before them gets the value that reproduces what that run did, not today's default.
+# (section, field) -> value when absent.
+ABSENT_MEANS = {
+    ('model', 'torch_init'): False,     # Dense layers had Flax's init before the field
+}
+
+
 def _fill_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
   """The saved fields over the current defaults of the saved variant.
 
   A workdir written before a field existed (e.g. `inference.in_flight`) still loads: the
-  field takes its default, which keeps the earlier behaviour. Saved values always win.
+  field takes its default, which keeps the earlier behaviour, except the fields of
+  `ABSENT_MEANS`, whose earlier behaviour is not today's default (absent `model.torch_init`
+  means False: that run's dense layers had Flax's init). Saved values always win.
   """
+  saved = _absent_means(saved)
   try:
     from configs import rqvae  # pylint: disable=g-import-not-at-top
   except ImportError:           # the library used outside this repository: no defaults
@@ -61,6 +72,15 @@ def _fill_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
   return merge(rqvae.get_config(variant).to_dict(), saved)
+
+
+def _absent_means(saved: Dict[str, Any]) -> Dict[str, Any]:
+  """`saved` with the ABSENT_MEANS values of the fields it lacks (sections it has only)."""
+  out = dict(saved)
+  for (section, field), value in ABSENT_MEANS.items():
+    if isinstance(out.get(section), dict) and field not in out[section]:
+      out[section] = {**out[section], field: value}
+  return out
 
 
 def _flatten(d: Any, prefix: str = '') -> Dict[str, Any]:
