@@ -7,6 +7,10 @@ separated on its own. Two figures are reported: the MSDM-compatible mean over ev
 every kept window, and the mean over non-silent reference stems only (a silent reference
 rewards a quiet estimate with up to ~+100 dB, so an all-zero separator scores high on the
 first; the all-zero and mixture/4 baselines are printed beside the model for that reason).
+The absolute SI-SDR of the estimates (`sisdr_abs`, same two figures) is reported beside the
+improvement: SI-SDRi = SI-SDR(estimate) - SI-SDR(mixture), and the mixture/4 baseline's
+absolute SI-SDR is that second term. Code counts (perplexity, used codes) cover the chunks
+of the split only, not the all-zero rows that fill a last batch.
 """
 import json
 import os
@@ -87,6 +91,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
   q = config.model.quantizer
   counts = np.zeros((q.num_quantizers, q.codebook_size), np.int64)
   model_vals, zero_vals, mix4_vals, leak_vals = [], [], [], []
+  abs_vals = {'model': [], 'all_zero': [], 'mixture_over_4': []}
   by_track: Dict[int, list] = {}
   for w, (t, start) in enumerate(ev.windows):
     by_track.setdefault(t, []).append((w, start))
@@ -98,13 +103,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
     if mode == 'track':
       chunk_counts = []
 
-      def fn(batch):
-        est, c = separator.separate_chunks(batch)
+      def fn(batch, num_rows):
+        est, c = separator.separate_chunks(batch, num_rows)
         chunk_counts.append(c)
         return est
 
       estimate = overlap_add(fn, mixture, separator.chunk, config.inference.overlap,
-                             config.inference.batch_size, in_flight=config.inference.in_flight)
+                             config.inference.batch_size, in_flight=config.inference.in_flight,
+                             pass_num_rows=True)
       counts += np.sum(chunk_counts, axis=0).astype(np.int64)
     padded_len = max(s for _, s in items) + window
     pad = lambda x: np.pad(x, [(0, max(0, padded_len - x.shape[0]))] + [(0, 0)] * (x.ndim - 1))
@@ -120,14 +126,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
         chunk = mixes[b:b + config.inference.batch_size]
         full = np.zeros((config.inference.batch_size, window), np.float32)
         full[:len(chunk)] = chunk
-        est, c = separator.separate_chunks(full)
+        est, c = separator.separate_chunks(full, len(chunk))
         ests.append(est[:len(chunk)])
         counts += c.astype(np.int64)
       ests = np.concatenate(ests)
+    zeros = np.zeros_like(refs)
+    mix4 = np.repeat(mixes[..., None] / len(stems), len(stems), -1)
     model_vals.append(_sisdri(refs, ests, mixes))
     leak_vals.append(np.asarray(metrics_lib.leakage(refs, ests)))
-    zero_vals.append(_sisdri(refs, np.zeros_like(refs), mixes))
-    mix4_vals.append(_sisdri(refs, np.repeat(mixes[..., None] / len(stems), len(stems), -1), mixes))
+    zero_vals.append(_sisdri(refs, zeros, mixes))
+    mix4_vals.append(_sisdri(refs, mix4, mixes))
+    for name, est in (('model', ests), ('all_zero', zeros), ('mixture_over_4', mix4)):
+      abs_vals[name].append(np.asarray(metrics_lib.si_sdr(refs, est)))
     while examples_written < config.eval.num_example_wavs and examples_written < len(items):
       j = examples_written
       folder = os.path.join(out_dir, 'examples', f'{tracks[t].name}_{items[j][1]}')
@@ -148,6 +158,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
     print(file=sys.stderr)
   active = ev.active
   model_vals, zero_vals, mix4_vals = (np.concatenate(v) for v in (model_vals, zero_vals, mix4_vals))
+  sisdr_abs = {k: _summary(np.concatenate(v), active, stems) for k, v in abs_vals.items()}
   leak = _leakage_summary(np.concatenate(leak_vals), active, stems)
   # Windows were grouped by track in the same (track, time) order as ev.windows.
   usage = np.asarray(separator.variables['codebook_stats']['quantizer']['usage'])
@@ -156,10 +167,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
       'config_hash': training.config_hash(config), 'num_tracks': len(tracks),
       'windows_kept': int(ev.num_kept), 'windows_skipped': int(ev.num_skipped),
       'silence_threshold': float(data_cfg.silence_threshold),
-      'model': _summary(model_vals, active, stems),
+      'model': {**_summary(model_vals, active, stems), 'sisdr_abs': sisdr_abs['model']},
       'leakage': leak,
-      'baselines': {'all_zero': _summary(zero_vals, active, stems),
-                    'mixture_over_4': _summary(mix4_vals, active, stems)},
+      'baselines': {'all_zero': {**_summary(zero_vals, active, stems),
+                                 'sisdr_abs': sisdr_abs['all_zero']},
+                    'mixture_over_4': {**_summary(mix4_vals, active, stems),
+                                       'sisdr_abs': sisdr_abs['mixture_over_4']}},
       'codebook': {
           'perplexity': [float(x) for x in np.asarray(metrics_lib.perplexity(counts))],
           'used_codes': [int(x) for x in np.asarray(metrics_lib.used_codes(counts))],
@@ -176,19 +189,27 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
 
 
 def format_table(result: Dict[str, Any], stems) -> str:
-  """SI-SDRi (dB) of the model and the baselines, per stem, both figures."""
+  """SI-SDRi (dB) of the model and the baselines, per stem, both figures; then their absolute
+  SI-SDR, the same way."""
   rows = [('model', result['model']), ('all-zero', result['baselines']['all_zero']),
           ('mixture/4', result['baselines']['mixture_over_4'])]
   fmt = lambda v: f'{v:8.2f}' if v is not None else '       -'
   lines = [f"SI-SDRi (dB), split {result['split']}, step {result['checkpoint_step']}, "
            f"{result['windows_kept']} windows kept, {result['windows_skipped']} skipped",
            f"{'':24s}" + ''.join(f'{s:>8s}' for s in stems) + f"{'mean':>8s}{'median':>8s}"]
-  for figure, label in (('nonsilent', 'non-silent stems'), ('msdm', 'MSDM (all stems)')):
-    lines.append(f'-- {label}')
-    for name, r in rows:
-      v = r[figure]
-      lines.append(f'  {name:22s}' + ''.join(fmt(v['per_stem_mean'][s]) for s in stems)
-                   + fmt(v['mean']) + fmt(v['median']))
+
+  def figures(pick):
+    for figure, label in (('nonsilent', 'non-silent stems'), ('msdm', 'MSDM (all stems)')):
+      lines.append(f'-- {label}')
+      for name, r in rows:
+        v = pick(r)[figure]
+        lines.append(f'  {name:22s}' + ''.join(fmt(v['per_stem_mean'][s]) for s in stems)
+                     + fmt(v['mean']) + fmt(v['median']))
+
+  figures(lambda r: r)
+  if all('sisdr_abs' in r for _, r in rows):      # absent in an older metrics.json
+    lines.append("SI-SDR (dB, absolute; mixture/4's is the mixture's, SI-SDRi = model's - it)")
+    figures(lambda r: r['sisdr_abs'])
   leak = result.get('leakage')
   if leak:
     lines.append('-- leakage: share of each estimate explained by each reference (cos^2)')

@@ -44,10 +44,13 @@ def crossfade_window(chunk: int, hop: int) -> np.ndarray:
 
 def overlap_add(separate_fn: Callable[[np.ndarray], np.ndarray], mixture: np.ndarray,
                 chunk: int, overlap: float, batch_size: int, progress=None,
-                in_flight: int = 1) -> np.ndarray:
+                in_flight: int = 1, pass_num_rows: bool = False) -> np.ndarray:
   """Mixture (N,) -> stems (N, S) by chunked, batched, cross-faded separation.
 
-  separate_fn maps (batch_size, chunk) mixtures to (batch_size, chunk, S) stems. With
+  separate_fn maps (batch_size, chunk) mixtures to (batch_size, chunk, S) stems. The last
+  batch is filled up with all-zero rows; with `pass_num_rows` separate_fn is called as
+  separate_fn(batch, num_rows), num_rows being how many leading rows are chunks of the
+  mixture (so statistics such as code counts can leave the filler out). With
   `in_flight` > 1 that many batches are separated at once from worker threads (XLA on CPU
   runs parts of the model, e.g. the LSTM recurrence, on one core, so two calls in flight
   keep both cores busy); the result does not depend on it.
@@ -68,7 +71,7 @@ def overlap_add(separate_fn: Callable[[np.ndarray], np.ndarray], mixture: np.nda
     batch = np.zeros((batch_size, chunk), np.float32)
     for j, s in enumerate(group):
       batch[j] = padded[s:s + chunk]
-    return batch
+    return (batch, len(group)) if pass_num_rows else (batch,)
 
   def add(group, stems):
     nonlocal out
@@ -84,12 +87,12 @@ def overlap_add(separate_fn: Callable[[np.ndarray], np.ndarray], mixture: np.nda
   groups = [starts[b:b + batch_size] for b in range(0, len(starts), batch_size)]
   if in_flight == 1:
     for group in groups:
-      add(group, separate_fn(batch_of(group)))
+      add(group, separate_fn(*batch_of(group)))
   else:  # at most in_flight batches queued, so memory stays bounded on long files
     pending = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
       for group in groups:
-        pending.append((group, pool.submit(separate_fn, batch_of(group))))
+        pending.append((group, pool.submit(separate_fn, *batch_of(group))))
         if len(pending) >= in_flight:
           done_group, future = pending.popleft()
           add(done_group, future.result())
@@ -134,14 +137,20 @@ class Separator:
     @jax.jit
     def fn(variables, mixtures):
       stems, aux = model.apply(variables, mixtures, train=False)
-      return stems, aux['counts']
+      return stems, aux['codes']
 
     return cls(config=config, variables=variables, step=step, chunk=chunk, _fn=fn)
 
-  def separate_chunks(self, mixtures: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(B, chunk) -> stems (B, chunk, S) and code counts (Q, K) of these chunks."""
-    stems, counts = self._fn(self.variables, jnp.asarray(mixtures, jnp.float32))
-    return np.asarray(stems), np.asarray(counts)
+  def separate_chunks(self, mixtures: np.ndarray, num_rows: Optional[int] = None
+                      ) -> Tuple[np.ndarray, np.ndarray]:
+    """(B, chunk) -> stems (B, chunk, S) and code counts (Q, K) of the first `num_rows` chunks
+    (default all: rows past num_rows only fill a batch and are left out of the counts)."""
+    stems, codes = self._fn(self.variables, jnp.asarray(mixtures, jnp.float32))
+    codes = np.asarray(codes)[:len(mixtures) if num_rows is None else num_rows]
+    size = int(self.config.model.quantizer.codebook_size)
+    counts = np.stack([np.bincount(codes[..., q].ravel(), minlength=size)
+                       for q in range(codes.shape[-1])])
+    return np.asarray(stems), counts.astype(np.float32)
 
   def __call__(self, mixture: np.ndarray, progress=None) -> np.ndarray:
     """Mono mixture (N,) at the model's rate -> stems (N, S)."""

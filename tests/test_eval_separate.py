@@ -148,3 +148,89 @@ def test_eval_cli_uses_the_saved_config(smoke_run):
   assert 'SI-SDRi (dB), split validation' in out.stdout
   saved = json.load(open(os.path.join(workdir, 'eval', 'validation', 'metrics.json')))
   assert saved['split'] == 'validation' and saved['checkpoint_step'] == 4
+
+
+def test_eval_reports_absolute_sisdr_beside_the_improvement(smoke_run):
+  cfg, workdir = smoke_run
+  result = evaluation.evaluate(cfg, workdir, 'test', 'best', verbose=False)
+  stems = tuple(cfg.data.stems)
+  model, zero = result['model'], result['baselines']['all_zero']
+  mix4 = result['baselines']['mixture_over_4']
+  for block in (model, zero, mix4):
+    assert set(block['sisdr_abs']) == {'msdm', 'nonsilent'}
+    assert block['sisdr_abs']['nonsilent']['count'] == block['nonsilent']['count']
+  # SI-SDRi = SI-SDR(estimate) - SI-SDR(mixture), and mixture/4 has the mixture's SI-SDR
+  # (scale invariance; the eps matter only on silent references, hence 'nonsilent').
+  for s in stems:
+    got = model['nonsilent']['per_stem_mean'][s]
+    if got is None:
+      continue
+    expected = (model['sisdr_abs']['nonsilent']['per_stem_mean'][s]
+                - mix4['sisdr_abs']['nonsilent']['per_stem_mean'][s])
+    assert got == pytest.approx(expected, abs=1e-3)
+    assert zero['sisdr_abs']['nonsilent']['per_stem_mean'][s] == pytest.approx(0.0, abs=1e-3)
+  assert model['sisdr_abs']['msdm']['mean'] != model['msdm']['mean']
+  table = evaluation.format_table(result, stems)
+  assert 'SI-SDR (dB, absolute' in table
+  assert f"{model['sisdr_abs']['nonsilent']['mean']:8.2f}" in table
+
+
+def test_separate_chunks_counts_only_the_real_rows(smoke_run):
+  _, workdir = smoke_run
+  sep = separate.Separator.from_workdir(workdir, 'latest')
+  rng = np.random.default_rng(2)
+  real = (0.1 * rng.normal(size=(3, sep.chunk))).astype(np.float32)
+  frames = sep._fn(sep.variables, real)[1].shape[1]
+  counts = {}
+  for name, filler in (('zeros', np.zeros((2, sep.chunk), np.float32)),
+                       ('noise', rng.normal(size=(2, sep.chunk)).astype(np.float32))):
+    _, counts[name] = sep.separate_chunks(np.concatenate([real, filler]), num_rows=3)
+    assert np.all(counts[name].sum(axis=1) == 3 * frames)
+  np.testing.assert_array_equal(counts['zeros'], counts['noise'])
+  _, all_rows = sep.separate_chunks(np.concatenate([real, real[:2]]))
+  assert np.all(all_rows.sum(axis=1) == 5 * frames)
+
+
+@pytest.mark.parametrize('mode', ['track', 'window'])
+def test_eval_codebook_statistics_leave_filler_rows_out(smoke_run, tmp_path, mode):
+  """Perplexity and used codes are those of the split's chunks: computed here by hand from
+  the codes of the real rows, in batches of the same shape as the evaluation's."""
+  import shutil
+  from data import pipeline, slakh, windows as windows_lib
+  from rqvae_jax import metrics
+  cfg, workdir = smoke_run
+  workdir = shutil.copytree(workdir, tmp_path / 'w')
+  cfg = cfg.copy_and_resolve_references()
+  cfg.eval.mode = mode
+  cfg.inference.batch_size = 3                    # batches with filler rows
+  result = evaluation.evaluate(cfg, str(workdir), 'test', 'best', verbose=False)
+  sep = separate.Separator.from_workdir(str(workdir), 'best', cfg)
+  tracks = slakh.scan(pipeline.resolve_root(cfg.data), 'test', cfg.data).kept
+  ev = windows_lib.eval_windows(tracks, cfg.data)
+  chunk, bs = sep.chunk, cfg.inference.batch_size
+  rows = []
+  for t in sorted({t for t, _ in ev.windows}):
+    mixture = slakh.load_track(tracks[t], cfg.data.stems).sum(-1)
+    if mode == 'track':
+      hop = max(1, int(round(chunk * (1 - cfg.inference.overlap))))
+      starts = separate.chunk_starts(len(mixture), chunk, hop)
+    else:
+      starts = [s for tt, s in ev.windows if tt == t]
+    padded = np.zeros(max(starts) + chunk, np.float32)
+    padded[:len(mixture)] = mixture[:len(padded)]
+    rows.append(np.stack([padded[s:s + chunk] for s in starts]))
+  counts = np.zeros((cfg.model.quantizer.num_quantizers, cfg.model.quantizer.codebook_size))
+  filler_rows = 0
+  for track_rows in rows:
+    for b in range(0, len(track_rows), bs):
+      real = track_rows[b:b + bs]
+      batch = np.zeros((bs, chunk), np.float32)
+      batch[:len(real)] = real
+      filler_rows += bs - len(real)
+      codes = np.asarray(sep._fn(sep.variables, batch)[1])[:len(real)]
+      for q in range(codes.shape[-1]):
+        counts[q] += np.bincount(codes[..., q].ravel(), minlength=counts.shape[1])
+  assert filler_rows > 0
+  np.testing.assert_allclose(result['codebook']['perplexity'],
+                             np.asarray(metrics.perplexity(counts)), rtol=1e-5)
+  assert result['codebook']['used_codes'] == [int(x) for x in metrics.used_codes(counts)]
