@@ -6,6 +6,17 @@ training call as `usage <- decay * (usage + counts)`, where counts are the numbe
 assigned to each code in the batch (duplicates accumulate, unlike the original's indexed `+=`).
 Dead-code restart and k-means initialisation are pure functions over these arrays, so the
 training step can call them under `jit`.
+
+What `dead_threshold` means in uses per batch: a code used c times in every batch settles at
+usage = decay / (1 - decay) * c, so `usage < dead_threshold` at steady state means fewer than
+dead_threshold * (1 - decay) / decay uses per batch on average: paper (decay 0.97, threshold
+2) 0.0619 uses per batch (usage = 32.3 c); original (0.93, 1) 0.0753 (usage = 13.3 c). For
+scale, a paper batch (16 x 441 frames) gives each of 4096 codes 1.72 uses on average. A
+restarted code starts at usage 0 and is checked again `restart_every` = 10 steps later, when
+its usage is decay (1 - decay^10) / (1 - decay) * c: it survives with c >= 0.236 uses per batch
+(paper) or 0.146 (original). The original's counts add 1 per batch to every code used however
+often, so its threshold counts batches, not uses. Only training calls update the usage: the
+original also updates it on validation batches; here validation runs with train=False.
 """
 from typing import Any, Dict, Tuple
 
