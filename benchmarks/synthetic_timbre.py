@@ -16,6 +16,24 @@ prints one JSON object: per stem, the median and the 10th/90th percentiles over 
 
 Active frames are those within 40 dB of the stem's loudest frame in that track (silent
 bars and the far reverb tails do not count).
+
+Measured with --num-tracks 12 (train split, seed 0, 20-40 s tracks; Intel(R) Xeon(R)
+Processor, 2 cores, ~60 s), median [10th-90th percentile] over tracks:
+
+    generator v1   centroid Hz         flatness                harmonic share
+    bass           455 [234-745]       6.0e-9 [4.0e-10-2.3e-8]  0.83 [0.64-0.93]
+    drums          3220 [2300-4550]    7.1e-3 [1.2e-3-4.9e-2]   0.58 [0.39-0.65]
+    guitar         1030 [778-1210]     1.6e-6 [1.5e-7-1.3e-5]   0.79 [0.49-0.93]
+    piano          2000 [1040-2200]    3.1e-6 [1.1e-7-1.1e-5]   0.86 [0.81-0.91]
+
+    generator v2
+    bass           417 [315-664]       8.9e-6 [1.5e-6-2.4e-5]   0.84 [0.61-0.92]
+    drums          3940 [3050-4700]    4.5e-2 [2.6e-2-1.2e-1]   0.24 [0.09-0.39]
+    guitar         1950 [1320-2370]    9.6e-4 [1.7e-4-4.4e-3]   0.79 [0.64-0.89]
+    piano          1050 [792-1500]     4.6e-5 [1.9e-5-2.8e-4]   0.82 [0.70-0.90]
+
+For comparison, a reviewer's measurement of real General-MIDI renderings: guitar
+~2.1 kHz, piano ~0.7-1.2 kHz, drums harmonic share 0.18-0.27.
 """
 import argparse
 import json
@@ -46,8 +64,11 @@ def cpu_model() -> str:
   return platform.processor() or 'unknown'
 
 
-def stem_stats(x: np.ndarray, sr: int) -> dict:
-  """centroid_hz, flatness and harmonic_share of one stem of one track (None if silent)."""
+def stem_stats(x: np.ndarray, sr: int, harmonic: bool = True) -> dict:
+  """centroid_hz, flatness and harmonic_share of one stem of one track (None if silent).
+
+  harmonic=False skips the HPSS (most of the time) and its harmonic_share.
+  """
   d = librosa.stft(x.astype(np.float32), n_fft=N_FFT, hop_length=HOP)
   mag = np.abs(d)
   energy = (mag.astype(np.float64) ** 2).sum(0)
@@ -56,11 +77,13 @@ def stem_stats(x: np.ndarray, sr: int) -> dict:
   active = energy >= energy.max() * 10 ** (-ACTIVE_DB / 10)
   cen = librosa.feature.spectral_centroid(S=mag, sr=sr, n_fft=N_FFT)[0]
   flat = librosa.feature.spectral_flatness(S=mag)[0]
-  h, _ = librosa.decompose.hpss(d)
-  return dict(
+  stats = dict(
       centroid_hz=float((cen[active] * energy[active]).sum() / energy[active].sum()),
-      flatness=float(np.median(flat[active])),
-      harmonic_share=float((np.abs(h) ** 2).sum() / energy.sum()))
+      flatness=float(np.median(flat[active])))
+  if harmonic:
+    h, _ = librosa.decompose.hpss(d)
+    stats['harmonic_share'] = float((np.abs(h) ** 2).sum() / energy.sum())
+  return stats
 
 
 def _summary(values) -> dict:
