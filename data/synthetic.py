@@ -1,19 +1,31 @@
 """Synthetic mini-Slakh: a multi-stem default that needs no download.
 
 Each track is a short piece in 4/4 where the four stems share a tempo, a key and a chord
-progression:
+progression. Registers overlap as in real music; timbres aim at the spectral statistics
+of real General-MIDI renderings (see benchmarks/synthetic_timbre.py), with a spread:
 
-* bass: low (E1-D#3), mostly monophonic riffs on chord roots/fifths/octaves, either a
-  plucked string or a filtered saw/square synth, sometimes overdriven;
-* drums: kick (pitch-swept sine + click), snare (tone + band-passed noise), closed/open
-  hi-hats and crashes (high-passed noise + metallic partials) and toms, in a per-track
-  groove (rock, four-on-the-floor, half-time, funk, sparse) with fills at phrase ends;
-* guitar: plucked strings (Karplus-Strong in modal form: the damped harmonics a
+* bass (E1 up, mostly below D#3): mostly monophonic riffs on chord roots/fifths/octaves;
+  a plucked string (finger or pick noise, pickup resonance, fret buzz in some tracks) or
+  a filtered saw/square synth (sometimes two detuned oscillators), sometimes overdriven;
+* drums: kick (short pitch-swept membrane modes, beater click, low noise thump), snare
+  (short modes, mostly wire noise), closed/open hi-hats and crashes (high-passed noise
+  with a few metallic partials) and toms (modes plus stick and head noise), in a
+  per-track groove (rock, four-on-the-floor, half-time, funk, sparse) with fills at
+  phrase ends; mostly percussive (HPSS harmonic share ~0.2, real kits 0.18-0.27);
+* guitar (E2-C#6): plucked strings (Karplus-Strong in modal form: the damped harmonics a
   Karplus-Strong loop produces, with a random excitation spectrum, pick-position comb and
-  frequency-dependent loss), strummed chords, arpeggios or riffs, clean or overdriven;
-* piano: inharmonic partials with hammer-position amplitudes, frequency-dependent decay,
-  a two-stage envelope and a hammer thump; block chords, broken chords, melodies and
-  left-hand roots.
+  frequency-dependent loss) with a bright pick attack, as an acoustic steel-string (body
+  modes, bright top), a nylon-string (darker, soft attack), a clean electric (pickup
+  resonance 2-5.5 kHz) or an overdriven electric (asymmetric saturation, cabinet, louder
+  hiss); some with chorus / 12-string detuned copies; strummed chords, arpeggios or
+  riffs; brighter than the piano, as in real renderings (~2 kHz spectral centroid);
+* piano (E1-B6, mostly C2-C6): inharmonic partials with hammer-position amplitudes and a
+  felt low-pass, two or three slightly detuned strings per note (beats),
+  frequency-dependent decay, a two-stage envelope, hammer thump and knock; block chords,
+  broken chords, melodies and left-hand roots (~1 kHz spectral centroid).
+
+Like a recording, every stem has a noise floor (white, the bass's through a cabinet
+roll-off) 38-65 dB below it while it plays, 32-45 dB after an overdrive.
 
 Tempo, key, mode, progression, register, timbre, loudness, density and reverb vary per
 track, and stems drop out for two-bar blocks (sometimes a solo intro), so the "at least
@@ -46,7 +58,7 @@ import numpy as np
 import soundfile as sf
 from scipy import signal
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLITS = ('train', 'validation', 'test')
 _SPLIT_IDS = {'train': 0, 'validation': 1, 'test': 2}
 MANIFEST = 'synthetic.json'
@@ -146,17 +158,87 @@ def _sos(kind, freq, sr, order=2):
 
 # ----------------------------------------------------------------------------- timbres
 
+# Linear filters on a sum of damped sines are applied where they are free: as the filter's
+# magnitude response at each partial's frequency (body and pickup resonances, EQ).
 
-def _string_params(rng) -> dict:
-  """A guitar or bass-guitar string timbre (modal Karplus-Strong)."""
-  return dict(pick=rng.uniform(0.08, 0.3), tilt=rng.uniform(0.5, 1.2),
-              bright=rng.uniform(1500.0, 5000.0), t60=rng.uniform(1.2, 4.0),
-              loss=rng.uniform(0.3, 2.0), inharm=rng.uniform(0.0, 8e-5),
-              noise=rng.uniform(0.02, 0.12), seed=int(rng.integers(1 << 31)))
+
+def _peak(f, fc, gain_db, q):
+  """A resonance (body mode, presence peak) on a flat response: gain at fc, 1 far away."""
+  g = 10.0 ** (gain_db / 20.0)
+  return 1.0 + (g - 1.0) / (1.0 + q * q * (f / fc - fc / f) ** 2)
+
+
+def _lowpass2(f, fc, q):
+  """A second-order resonant low-pass (a magnetic pickup loaded by its cable)."""
+  r = f / fc
+  return 1.0 / np.sqrt((1.0 - r * r) ** 2 + (r / q) ** 2)
+
+
+def _response(f, p) -> np.ndarray:
+  h = np.ones_like(f)
+  for fc, gain_db, q in p.get('peaks', ()):
+    h *= _peak(f, fc, gain_db, q)
+  if p.get('pickup'):
+    h *= _lowpass2(f, *p['pickup'])
+  return h
+
+
+def _burst(rng, m: int, bright: bool) -> np.ndarray:
+  """A short noise burst with a fast exponential decay (pick, finger, hammer contact).
+
+  bright: first-differenced (+6 dB/octave, a pick or a hard hammer); else smoothed by a
+  3-tap average (a finger or felt: most energy below ~4 kHz).
+  """
+  x = _noise(rng, m + 2)
+  x = x[1:] - x[:-1] if bright else (x[:-2] + x[1:-1] + x[2:])[:m + 1] / 1.7
+  return x[:m] * np.exp(-np.arange(m, dtype=np.float32) / (0.3 * m + 1))
+
+
+def _guitar_params(rng, drive: bool) -> dict:
+  """A guitar: acoustic steel string, nylon, clean electric or overdriven electric."""
+  kind = 'drive' if drive else ('acoustic', 'nylon', 'electric')[rng.choice(3, p=[.4, .2, .4])]
+  p = dict(kind=kind, pick=rng.uniform(0.06, 0.25), tilt=rng.uniform(0.35, 0.9),
+           bright=rng.uniform(4000.0, 10000.0), t60=rng.uniform(1.2, 4.0),
+           loss=rng.uniform(0.05, 0.4), inharm=rng.uniform(0.0, 8e-5),
+           pick_db=rng.uniform(-10.0, 2.0), pick_ms=rng.uniform(2.0, 7.0), bright_pick=True,
+           detune=0.0, buzz=0.0, seed=int(rng.integers(1 << 31)))
+  if kind == 'acoustic':  # air and top-plate modes, a bright top
+    p['peaks'] = ((rng.uniform(90, 120), rng.uniform(3, 8), rng.uniform(2, 4)),
+                  (rng.uniform(180, 260), rng.uniform(2, 6), rng.uniform(2, 4)),
+                  (rng.uniform(2000, 5000), rng.uniform(2, 7), rng.uniform(0.7, 1.5)))
+  elif kind == 'nylon':  # softer strings and fingers: darker, quieter attack
+    p.update(tilt=rng.uniform(0.6, 1.0), bright=rng.uniform(2000.0, 4500.0),
+             pick_db=rng.uniform(-18.0, -6.0), bright_pick=rng.random() < 0.3,
+             peaks=((rng.uniform(90, 115), rng.uniform(3, 8), rng.uniform(2, 4)),
+                    (rng.uniform(190, 240), rng.uniform(2, 6), rng.uniform(2, 4))))
+  else:  # pickup resonance 2-5.5 kHz (single coil high and sharp, humbucker lower)
+    p['pickup'] = (rng.uniform(2000.0, 5500.0), rng.uniform(0.9, 3.0))
+    if kind == 'drive':
+      p['pickup'] = (rng.uniform(1800.0, 4000.0), rng.uniform(0.8, 2.0))
+  if kind in ('acoustic', 'electric') and rng.random() < 0.35:  # chorus or 12-string
+    p.update(detune=rng.uniform(4.0, 14.0), detune_mix=rng.uniform(0.3, 0.8))
+  return p
+
+
+def _bass_params(rng) -> dict:
+  """A bass guitar: finger or pick, pickup, sometimes fret buzz."""
+  return dict(pick=rng.uniform(0.08, 0.3), tilt=rng.uniform(1.0, 1.6),
+              bright=rng.uniform(400.0, 1500.0), t60=rng.uniform(1.6, 5.0),
+              loss=rng.uniform(0.5, 2.0), inharm=rng.uniform(0.0, 1e-4),
+              pick_db=rng.uniform(-28.0, -14.0), pick_ms=rng.uniform(3.0, 10.0),
+              bright_pick=rng.random() < 0.25,
+              pickup=(rng.uniform(900.0, 2500.0), rng.uniform(0.7, 1.3)),
+              buzz=rng.uniform(0.1, 0.35) if rng.random() < 0.45 else 0.0, detune=0.0,
+              seed=int(rng.integers(1 << 31)))
 
 
 def _string_note(midi, n, sr, p) -> np.ndarray:
-  """Plucked string: the harmonics a Karplus-Strong loop rings with, from a noise burst."""
+  """Plucked string: the harmonics a Karplus-Strong loop rings with, from a noise burst.
+
+  Random excitation spectrum, pick-position comb, frequency-dependent loss, body/pickup
+  response at the partials, a pick or finger noise burst, optionally a detuned copy of
+  the partials (chorus, 12-string) and fret buzz (the string clipped against a fret).
+  """
   f0 = float(_midi_hz(midi))
   rng = np.random.default_rng([p['seed'], int(midi)])
   k = np.arange(1, int(min(60, 0.45 * sr / f0)) + 1)
@@ -165,26 +247,47 @@ def _string_note(midi, n, sr, p) -> np.ndarray:
   k, f = k[keep], f[keep]
   spectrum = np.abs(rng.standard_normal(k.size) + 1j * rng.standard_normal(k.size)) / 1.25
   amps = (spectrum * np.abs(np.sin(np.pi * k * p['pick'])) / k ** p['tilt']
-          / (1.0 + (f / p['bright']) ** 2))
+          / (1.0 + (f / p['bright']) ** 2) * _response(f, p))
   t60 = p['t60'] * (110.0 / f0) ** 0.35
-  decays = 6.91 / t60 * (1.0 + p['loss'] * (f / 1000.0) ** 2)
-  y = _modal(f, amps, rng.uniform(0, 2 * np.pi, k.size), decays, n, sr)
-  m = min(n, int(0.006 * sr))
-  y[:m] += (p['noise'] * np.abs(amps).sum() * _noise(rng, m)
-            * np.linspace(1, 0, m, dtype=np.float32))
-  _attack(y, int(0.002 * sr))
-  return _fade_tail(y / (np.abs(amps).sum() + 1e-9), int(0.03 * sr))
+  decays = 6.91 / t60 * (1.0 + p['loss'] * (f / 1000.0) ** 1.5)
+  phases = rng.uniform(0, 2 * np.pi, k.size)
+  if p['detune']:
+    f2 = f * 2.0 ** (p['detune'] / 1200.0)
+    keep = f2 < 0.45 * sr
+    f, amps = np.concatenate([f, f2[keep]]), np.concatenate([amps, p['detune_mix'] * amps[keep]])
+    decays = np.concatenate([decays, decays[keep]])
+    phases = np.concatenate([phases, rng.uniform(0, 2 * np.pi, keep.sum())])
+  scale = np.abs(amps).sum() + 1e-9
+  y = _modal(f, amps / scale, phases, decays, n, sr)
+  rms0 = math.sqrt(float(np.sum((amps / scale) ** 2)) / 2.0)
+  m = min(n, int(p['pick_ms'] * 1e-3 * sr))
+  y[:m] += (rms0 * 10 ** (p['pick_db'] / 20.0) * 2.0) * _burst(rng, m, p['bright_pick'])
+  if p['buzz']:
+    early = y[:min(n, int(0.3 * sr))]
+    th = (1.0 - p['buzz']) * float(np.abs(early).max())
+    e = early - np.clip(early, -th, th)
+    rattle = np.diff(e, prepend=np.float32(0)) * (1.0 + _noise(rng, e.size))
+    y[:e.size] += 0.2 * rattle
+  _attack(y, int(0.001 * sr))
+  return _fade_tail(y, int(0.03 * sr))
 
 
 def _synth_params(rng) -> dict:
-  return dict(square=bool(rng.random() < 0.4), cutoff=rng.uniform(250.0, 1200.0),
+  return dict(square=bool(rng.random() < 0.4), cutoff=rng.uniform(200.0, 800.0),
               reso=rng.uniform(0.0, 2.0), decay=rng.uniform(0.3, 2.5),
-              env=rng.uniform(0.5, 4.0))
+              env=rng.uniform(0.5, 4.0),
+              detune=rng.uniform(3.0, 15.0) if rng.random() < 0.4 else 0.0,
+              seed=int(rng.integers(1 << 31)))
 
 
 def _synth_note(midi, n, sr, p) -> np.ndarray:
-  """Band-limited saw/square through a resonant low-pass whose brightness decays."""
+  """Band-limited saw/square through a resonant low-pass whose brightness decays.
+
+  Sometimes two oscillators a few cents apart (beating), and a short click at the onset
+  (the envelope's attack through the filter).
+  """
   f0 = float(_midi_hz(midi))
+  rng = np.random.default_rng([p['seed'], int(midi)])
   k = np.arange(1, int(min(50, 0.45 * sr / f0)) + 1)
   if p['square']:
     k = k[k % 2 == 1]
@@ -193,20 +296,30 @@ def _synth_note(midi, n, sr, p) -> np.ndarray:
   reso = 1.0 + p['reso'] * np.exp(-((f - p['cutoff']) / (0.25 * p['cutoff'])) ** 2)
   amps = lp * reso / k
   decays = p['decay'] + p['env'] * f / p['cutoff'] * 3.0
-  y = _modal(f, amps, np.zeros(k.size), decays, n, sr)
-  _attack(y, int(0.004 * sr))
-  return _fade_tail(y / (amps.sum() + 1e-9), int(0.03 * sr))
+  phases = np.zeros(k.size)
+  if p['detune']:
+    f = np.concatenate([f, f * 2.0 ** (p['detune'] / 1200.0)])
+    amps, decays = np.tile(amps, 2) * 0.5, np.tile(decays, 2)
+    phases = np.concatenate([phases, rng.uniform(0, 2 * np.pi, k.size)])
+  y = _modal(f, amps, phases, decays, n, sr) / (amps.sum() + 1e-9)
+  m = min(n, int(0.004 * sr))
+  y[:m] += 0.03 * _burst(rng, m, False)
+  _attack(y, int(0.002 * sr))
+  return _fade_tail(y, int(0.03 * sr))
 
 
 def _piano_params(rng) -> dict:
-  return dict(hammer=rng.uniform(1 / 9, 1 / 6), tilt=rng.uniform(0.8, 1.6),
-              inharm=rng.uniform(1e-4, 5e-4), t60=rng.uniform(2.0, 6.0),
-              loss=rng.uniform(0.02, 0.15), prompt=rng.uniform(0.4, 0.8),
-              thump=rng.uniform(0.02, 0.1), seed=int(rng.integers(1 << 31)))
+  return dict(hammer=rng.uniform(1 / 9, 1 / 6), tilt=rng.uniform(0.9, 1.6),
+              hard=rng.uniform(400.0, 1400.0), inharm=rng.uniform(1e-4, 5e-4),
+              t60=rng.uniform(2.0, 6.0), loss=rng.uniform(0.05, 0.3),
+              prompt=rng.uniform(0.4, 0.8), thump_db=rng.uniform(-18.0, -6.0),
+              knock_db=rng.uniform(-20.0, -8.0), strings=int(rng.integers(2, 4)),
+              detune=rng.uniform(0.3, 2.5), seed=int(rng.integers(1 << 31)))
 
 
 def _piano_note(midi, n, sr, p) -> np.ndarray:
-  """Inharmonic partials, hammer comb, two-stage decay, attack thump."""
+  """Inharmonic partials, hammer comb and felt low-pass, two or three slightly detuned
+  strings per note (beats), frequency-dependent two-stage decay, hammer thump and knock."""
   f0 = float(_midi_hz(midi))
   rng = np.random.default_rng([p['seed'], int(midi)])
   b = p['inharm'] * (f0 / 262.0) ** 0.5
@@ -214,74 +327,109 @@ def _piano_note(midi, n, sr, p) -> np.ndarray:
   f = k * f0 * np.sqrt(1.0 + b * k ** 2)
   keep = f < 0.45 * sr
   k, f = k[keep], f[keep]
-  amps = np.abs(np.sin(np.pi * k * p['hammer'])) / k ** p['tilt'] + 0.02 / k
+  felt = p['hard'] * (f0 / 262.0) ** 0.5  # harder hammers and louder notes in the treble
+  amps = (np.abs(np.sin(np.pi * k * p['hammer'])) / k ** p['tilt'] + 0.02 / k) / (
+      1.0 + (f / felt) ** 2)
   t60 = np.clip(p['t60'] * (262.0 / f0) ** 0.6, 0.4, 10.0)
   decays = 6.91 / t60 * (1.0 + p['loss'] * (k - 1) ** 1.5)
-  y = _modal(f, amps, rng.uniform(0, 2 * np.pi, k.size), decays, n, sr)
+  strings = p['strings'] if midi >= 40 else (2 if midi >= 28 else 1)
+  cents = (np.arange(strings) - (strings - 1) / 2) * p['detune'] * rng.uniform(0.6, 1.4)
+  ff = np.concatenate([f * 2.0 ** (c / 1200.0) for c in cents])
+  aa = np.tile(amps, strings) / strings
+  dd = np.tile(decays, strings) * np.repeat(rng.uniform(0.8, 1.25, strings), f.size)
+  y = _modal(ff, aa, rng.uniform(0, 2 * np.pi, ff.size), dd, n, sr)
+  scale = amps.sum() + 1e-9
+  y /= scale
   t = np.arange(n, dtype=np.float32) / sr
   y *= p['prompt'] * np.exp(-t / 0.25) + (1 - p['prompt'])
+  rms0 = math.sqrt(float(np.sum(amps ** 2)) / 2.0) / scale
   m = min(n, int(0.02 * sr))
   thump = signal.sosfilt(_sos('lowpass', 1200.0, sr), _noise(rng, m)).astype(np.float32)
-  y[:m] += p['thump'] * amps.sum() * thump * np.linspace(1, 0, m, dtype=np.float32)
-  _attack(y, int(0.002 * sr))
-  return _fade_tail(y / (amps.sum() + 1e-9), int(0.03 * sr))
+  y[:m] += (rms0 * 10 ** (p['thump_db'] / 20) * 3.0) * thump * np.linspace(
+      1, 0, m, dtype=np.float32)
+  m = min(n, int(0.004 * sr))
+  y[:m] += (rms0 * 10 ** (p['knock_db'] / 20) * 2.0) * _burst(rng, m, True)
+  _attack(y, int(0.001 * sr))
+  return _fade_tail(y, int(0.03 * sr))
 
 
 def _drum_kit(rng, sr) -> Dict[str, List[np.ndarray]]:
-  """A per-track kit; several variants per piece for round-robin."""
+  """A per-track kit; several variants per piece for round-robin.
+
+  Membranes are short damped modes (fundamental, the 1.59 and 2.14 circular-membrane
+  overtones, detuned) plus noise: beater click and a low 'thump' for the kick, wires for
+  the snare, stick and head noise for toms. Cymbals are mostly noise with a few
+  inharmonic square-wave partials.
+  """
 
   def env(n, tau):
     return np.exp(-np.arange(n, dtype=np.float32) / (tau * sr))
 
+  def band(lo, hi, n, order=2):
+    return signal.sosfilt(_sos('bandpass', (lo, hi), sr, order), _noise(rng, n)).astype(
+        np.float32)
+
+  def membrane(freq, n, tau, over):
+    """Damped membrane modes with a pitch envelope (freq: Hz per sample)."""
+    phase = 2 * np.pi * np.cumsum(freq) / sr
+    y = np.sin(phase) * env(n, tau)
+    for ratio, amp in zip((1.59, 2.14), over):
+      y += amp * np.sin(ratio * rng.uniform(0.97, 1.03) * phase) * env(n, tau * 0.45)
+    return y
+
   kit = {}
   n = int(0.5 * sr)
   t = np.arange(n, dtype=np.float32) / sr
-  f_hi, f_lo = rng.uniform(90, 170), rng.uniform(40, 62)
-  tau_p, tau_a, click = rng.uniform(0.015, 0.06), rng.uniform(0.12, 0.35), rng.uniform(0.1, 0.5)
+  f_hi, f_lo = rng.uniform(90, 170), rng.uniform(40, 65)
+  tau_p, tau_a = rng.uniform(0.01, 0.05), rng.uniform(0.045, 0.12)
+  click, thump = rng.uniform(0.15, 0.6), rng.uniform(0.3, 0.9)
+  over = rng.uniform(0.05, 0.3, 2)
+  lo_click = rng.uniform(2000, 4000)
   kicks = []
   for _ in range(2):
     freq = f_lo + (f_hi - f_lo) * np.exp(-t / tau_p)
-    body = np.sin(2 * np.pi * np.cumsum(freq) / sr) * env(n, tau_a)
-    c = signal.sosfilt(_sos('highpass', 1500.0, sr), _noise(rng, n)) * env(n, 0.003)
-    kicks.append(np.tanh(1.5 * (body + click * c)).astype(np.float32))
+    body = membrane(freq, n, tau_a, over)
+    c = band(lo_click, 7000, n) * env(n, rng.uniform(0.003, 0.008))
+    th = band(40, rng.uniform(150, 400), n) * env(n, rng.uniform(0.015, 0.04))
+    kicks.append(np.tanh(1.5 * (body + click * c + 3.0 * thump * th)).astype(np.float32))
   kit['kick'] = kicks
 
-  f1, tt, tn = rng.uniform(160, 250), rng.uniform(0.04, 0.1), rng.uniform(0.08, 0.22)
-  lo, hi, mix = rng.uniform(1200, 2500), rng.uniform(6000, 9500), rng.uniform(0.4, 0.8)
+  f1, tt, tn = rng.uniform(160, 250), rng.uniform(0.02, 0.06), rng.uniform(0.08, 0.25)
+  lo, hi, mix = rng.uniform(600, 1500), rng.uniform(3500, 7000), rng.uniform(0.65, 0.9)
   n = int(0.4 * sr)
-  t = np.arange(n, dtype=np.float32) / sr
-  tone = (np.sin(2 * np.pi * f1 * t) + 0.5 * np.sin(2 * np.pi * 1.6 * f1 * t)) * env(n, tt)
-  sos = _sos('bandpass', (lo, hi), sr)
-  kit['snare'] = [((1 - mix) * tone + mix * 2.0 * signal.sosfilt(sos, _noise(rng, n))
-                   * env(n, tn)).astype(np.float32) for _ in range(3)]
+  freq = np.full(n, f1, np.float32)
+  kit['snare'] = [((1 - mix) * membrane(freq, n, tt, (0.6, 0.3)) + mix * 1.2 * (
+      band(lo, hi, n) * env(n, tn) + 0.6 * band(150, 1000, n) * env(n, 0.03))).astype(
+          np.float32) for _ in range(3)]
 
   ratios = np.array([1.0, 1.48, 1.8, 2.55, 2.63, 3.9])
   base = rng.uniform(300, 500)
-  metal_amt, hp = rng.uniform(0.1, 0.6), rng.uniform(5000, 8000)
+  metal_amt, hp = rng.uniform(0.03, 0.3), rng.uniform(3500, 7000)
   sos_hp = _sos('highpass', hp, sr, order=4)
+
+  tm = np.arange(int(2.0 * sr), dtype=np.float32) / sr  # square waves, as long as a crash
+  metal = (2.0 * (np.mod(base * ratios[:, None] * tm[None, :], 1.0) < 0.5) - 1.0).sum(0) / 6
 
   def cymbal(length, tau):
     m = int(length * sr)
-    tm = np.arange(m, dtype=np.float32) / sr
-    metal = np.sign(np.sin(2 * np.pi * base * ratios[:, None] * tm[None, :])).sum(0) / 6
-    raw = (1 - metal_amt) * _noise(rng, m) + metal_amt * metal
-    return (signal.sosfilt(sos_hp, raw) * env(m, tau) * 1.5).astype(np.float32)
+    raw = (1 - metal_amt) * _noise(rng, m) + metal_amt * metal[:m]
+    return (signal.sosfilt(sos_hp, raw) * env(m, tau) * 0.9).astype(np.float32)
 
   tau_h = rng.uniform(0.015, 0.05)
   kit['hat'] = [cymbal(0.2, tau_h) for _ in range(4)]
   kit['open'] = [cymbal(0.8, rng.uniform(0.15, 0.35)) for _ in range(2)]
   kit['crash'] = [cymbal(2.0, rng.uniform(0.5, 1.2)) * 0.8]
 
-  f_tom, tau_tom = rng.uniform(80, 120), rng.uniform(0.15, 0.35)
+  f_tom, tau_tom = rng.uniform(80, 120), rng.uniform(0.08, 0.25)
+  head = rng.uniform(0.2, 0.6)
   n = int(0.8 * sr)
   t = np.arange(n, dtype=np.float32) / sr
   for name, ratio in (('tom_low', 1.0), ('tom_mid', 1.33), ('tom_high', 1.7)):
     freq = f_tom * ratio * (1.0 + 0.3 * np.exp(-t / 0.05))
-    body = np.sin(2 * np.pi * np.cumsum(freq) / sr) * env(n, tau_tom)
-    c = signal.sosfilt(_sos('bandpass', (400, 4000), sr), _noise(rng, n)) * env(n, 0.01)
-    kit[name] = [(body + 0.3 * c).astype(np.float32)]
+    body = membrane(freq, n, tau_tom, over)
+    c = band(300, 5000, n) * env(n, 0.012) + 0.5 * band(80, 800, n) * env(n, 0.05)
+    kit[name] = [(body + head * c).astype(np.float32)]
   return kit
-
 
 # ----------------------------------------------------------------------------- the song
 
@@ -530,7 +678,7 @@ def _guitar_events(rng, song: _Song) -> Tuple[List[Event], bool]:
 
 def _piano_events(rng, song: _Song) -> List[Event]:
   style = ('block', 'broken')[int(rng.random() < 0.3)]
-  low = int(rng.integers(48, 58))
+  low = int(rng.integers(43, 60))  # chords from G2-B3 up ~2 octaves
   size = int(rng.integers(3, 5))
   rhythms = ([0], [0, 8], [0, 4, 8, 12], [0, 6, 10], [0, 3, 6, 10, 12],
              [0, 2, 4, 6, 8, 10, 12, 14])
@@ -541,7 +689,8 @@ def _piano_events(rng, song: _Song) -> List[Event]:
   mel_density = rng.uniform(0.2, 0.6)
   mel_rhythm = [_rhythm(rng, 16, mel_density, must=(0,)) for _ in range(2)]
   scale = song.scale()
-  mel_low = int(rng.integers(64, 72))
+  mel_low = int(rng.integers(57, 77))
+  left_low = int(rng.integers(28, 41))  # left-hand roots E1-E3
   pitch = mel_low + int(rng.integers(0, 8))
   events = []
   for bar in range(song.num_bars):
@@ -564,7 +713,7 @@ def _piano_events(rng, song: _Song) -> List[Event]:
         events.append((_humanize(rng, song, t0), int(song.time(bar, st + 6) - t0), m,
                        rng.uniform(0.45, 0.8)))
     if left:
-      r = 36 + (chord[0] - 36) % 12
+      r = left_low + (chord[0] - left_low) % 12
       events.append((_humanize(rng, song, song.time(bar, 0)), int(song.time(bar, 15)
                      - song.time(bar, 0)), r, rng.uniform(0.5, 0.7)))
     if melody:
@@ -624,22 +773,50 @@ def _reverb(rng, x: np.ndarray, sr: int) -> np.ndarray:
   return x + wet * y
 
 
+def _energy(x) -> float:
+  x = np.ascontiguousarray(x, np.float32)
+  return float(np.dot(x, x))  # BLAS: much faster than a float64 square and mean
+
+
 def _rms(x):
-  return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
+  return math.sqrt(_energy(x) / x.size) if x.size else 0.0
+
+
+def _active_runs(active: np.ndarray, bar_len: float, n: int) -> List[Tuple[int, int]]:
+  """Sample ranges [lo, hi) of the runs of active bars (sample i is in bar i // bar_len)."""
+  edges = np.flatnonzero(np.diff(np.concatenate([[0], active.astype(np.int8), [0]])))
+  runs = [(int(math.ceil(a * bar_len)), min(n, int(math.ceil(b * bar_len))))
+          for a, b in zip(edges[::2], edges[1::2])]
+  return [(lo, hi) for lo, hi in runs if hi > lo]
+
+
+def _add_floor(rng, x: np.ndarray, runs, rms: float, sos=None):
+  """Adds noise of the given RMS to x, in place, over `runs`: white, or through the
+  filter `sos` (a cabinet's roll-off)."""
+  for lo, hi in runs:
+    hiss = rng.random(hi - lo, dtype=np.float32) - np.float32(0.5)  # uniform: cheap
+    if sos is None:
+      hiss *= np.float32(math.sqrt(12.0) * rms)
+    else:
+      hiss = signal.sosfilt(sos, hiss).astype(np.float32)
+      hiss *= np.float32(rms / (_rms(hiss) + 1e-12))
+    x[lo:hi] += hiss
+
+
+_FLOOR_DB = dict(bass=(38.0, 55.0), drums=(45.0, 65.0), guitar=(42.0, 62.0), piano=(42.0, 62.0))
+_FLOOR_DB_DRIVE = (32.0, 45.0)
 
 
 def _render_track(rng, song: _Song) -> Dict[str, np.ndarray]:
   sr, n = song.sr, song.n
   # Each part draws from its own child generator, so parts stay independent of each other.
-  r_bass, r_drums, r_guitar, r_piano, r_mix = (np.random.default_rng(s)
-                                              for s in rng.bit_generator.seed_seq.spawn(5))
+  r_bass, r_drums, r_guitar, r_piano, r_mix, r_floor = (
+      np.random.default_rng(s) for s in rng.bit_generator.seed_seq.spawn(6))
   out = {}
 
   events, kind = _bass_events(r_bass, song)
   if kind == 'pluck':
-    p = _string_params(r_bass)
-    p['bright'] *= 0.4
-    p['t60'] *= 1.3
+    p = _bass_params(r_bass)
     fn = lambda m, length: _string_note(m, length, sr, p)
   else:
     p = _synth_params(r_bass)
@@ -657,14 +834,15 @@ def _render_track(rng, song: _Song) -> Dict[str, np.ndarray]:
                          n, sr, int(2.0 * sr))
 
   events, drive = _guitar_events(r_guitar, song)
-  p = _string_params(r_guitar)
+  p = _guitar_params(r_guitar, drive)
   guitar = _render(events, lambda m, length: _string_note(m, length, sr, p), n, sr,
                    int(2.5 * sr), release=0.05)
-  if drive:
-    g = r_guitar.uniform(3.0, 10.0)
-    guitar = np.tanh(g * guitar / (np.abs(guitar).max() + 1e-9))
-    guitar = signal.sosfilt(_sos('lowpass', r_guitar.uniform(3000, 5000), sr, 4),
-                            guitar).astype(np.float32)
+  if drive:  # overdrive (asymmetric: even harmonics too), then a speaker cabinet
+    g, bias = r_guitar.uniform(3.0, 20.0), r_guitar.uniform(0.0, 0.3)
+    guitar = np.tanh(g * guitar / (np.abs(guitar).max() + 1e-9) + bias) - math.tanh(bias)
+    cab = np.concatenate([_sos('highpass', r_guitar.uniform(70, 130), sr),
+                          _sos('lowpass', r_guitar.uniform(3500, 6500), sr, 4)])
+    guitar = signal.sosfilt(cab, guitar).astype(np.float32)
   out['guitar'] = guitar
 
   p = _piano_params(r_piano)
@@ -672,15 +850,24 @@ def _render_track(rng, song: _Song) -> Dict[str, np.ndarray]:
   out['piano'] = _render(events, lambda m, length: _piano_note(m, length, sr, p), n, sr,
                          int(3.0 * sr), release=0.08)
 
+  # A recording's noise floor under each stem while it plays (hiss of microphone, pickup,
+  # amplifier; louder after an overdrive), 32-60 dB below the stem.
+  floor_db = {s: r_floor.uniform(*_FLOOR_DB[s]) for s in STEMS}
+  if drive:
+    floor_db['guitar'] = r_floor.uniform(*_FLOOR_DB_DRIVE)
+  floor_sos = {'bass': _sos('lowpass', r_floor.uniform(2500.0, 5000.0), sr)}
+
   # Loudness: each stem to a random level relative to the others (RMS over its active
   # bars), then the mixture to a random overall level, then peak headroom for every stem
   # and the mixture so that nothing clips.
   bar_len = 240.0 / song.tempo * sr
   mix_target = r_mix.uniform(0.08, 0.16)
-  bar_of = np.minimum((np.arange(n) / bar_len).astype(np.int64), song.num_bars - 1)
   for name in STEMS:
     x = _reverb(r_mix, out[name], sr) if name != 'bass' else out[name]
-    level = _rms(x[song.active[name][bar_of]])
+    runs = _active_runs(song.active[name], bar_len, n)
+    count = sum(hi - lo for lo, hi in runs)
+    level = math.sqrt(sum(_energy(x[lo:hi]) for lo, hi in runs) / max(1, count))
+    _add_floor(r_floor, x, runs, level * 10 ** (-floor_db[name] / 20.0), floor_sos.get(name))
     gain = 10 ** (r_mix.uniform(-8.0, 0.0) / 20.0) / (level + 1e-9)
     out[name] = (x * gain).astype(np.float32)
   fade = int(0.3 * sr)
