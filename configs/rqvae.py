@@ -34,6 +34,12 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   m.bn_momentum = 0.9                      # PyTorch momentum 0.1
   m.bn_epsilon = 1e-5
   m.skip_connections = True
+  # Dense layers (the fc after each BiLSTM) initialised like PyTorch's nn.Linear, U(+-1/sqrt(
+  # fan_in)) for weight and bias; False: Flax's lecun-normal weight and zero bias. A workdir
+  # saved before the field existed trained with False (checkpoints.load_config).
+  m.torch_init = True
+  m.skip_mode = 'add'                      # 'add' (paper) or 'gated' by the decoder's state
+  m.output_kernel = 0                      # output layer taps; 0 = the first encoder kernel
   # Audio normalisation: model sees (stem - offset) / scale per stem. The original z-scores
   # int16-scale samples with mean 122.759 and std 2359.9309; on float audio in [-1, 1] that
   # is offset 122.759 / 32768 and scale 2359.9309 / 32768.
@@ -68,6 +74,9 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   l.encoder_term = 1.0                     # weight of mse(r, sg(q))
   l.cumulative_term = 1.0                  # weight of mse(z_e, sg(sum of q so far))
   l.sisdr_weight = 0.0                     # optional -SI-SDR term (not in the paper)
+  l.stft_weight = 0.0                      # optional multi-resolution STFT term (not in the paper)
+  l.stft_window_powers = (8, 10)
+  l.stft_log_floor = 1e-3
   l.mel_window_powers = (6, 7, 8, 9, 10, 11)
   l.mel_min_n_fft = 512
   l.num_mels = 64
@@ -79,7 +88,9 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   d.stems = STEMS
   d.sample_rate = 22050
   d.segment_samples = 88200               # 4 s training windows; a multiple of 200 here
-  d.shift_augmentation = True              # random shift in [-segment/2, segment/2)
+  # Random shift in [-segment/2, segment/2) of each training window: our choice. The original
+  # supports it (`aug_shift`) but never enables it (fixed 4 s grid); `original` turns it off.
+  d.shift_augmentation = True
   d.min_track_seconds = 12.0
   d.max_track_seconds = 640.0
   d.missing_stems = 'drop'                 # a track without a stem file: 'drop' it, or 'zeros' (MSDM)
@@ -133,7 +144,9 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   c.num_train_steps = 60_000
   c.log_every_steps = 50
   c.eval_every_steps = 5_000
-  c.num_eval_batches = 8                   # fixed validation subset
+  # Validation windows: 0 = every protocol window of the validation split (the original's
+  # whole split; the plateau rule's 0.05 dB needs it), N > 0 = N batches spread over it.
+  c.num_eval_batches = 0
   c.checkpoint_every_steps = 1_000
   c.keep_checkpoints = 3
   c.num_audio_examples = 2
@@ -141,6 +154,7 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   if variant == 'original':
     q.usage_decay = 0.93
     q.dead_threshold = 1.0
+    d.shift_augmentation = False           # the released config trains on a fixed 4 s grid
     o.early_stop_patience = 3
   elif variant == 'demo':
     # Trains in minutes on a 2-core CPU and separates the synthetic set measurably: a

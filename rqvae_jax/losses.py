@@ -236,3 +236,38 @@ def sisdr_loss(target, estimate, silence_threshold: float) -> jnp.ndarray:
   values = metrics.si_sdr(target, estimate)
   active = metrics.active_stem_mask(target, silence_threshold).astype(jnp.float32)
   return -jnp.sum(values * active) / jnp.maximum(jnp.sum(active), 1.0)
+
+
+def multiresolution_stft_loss(target, estimate, window_powers, log_floor: float = 1e-3
+                              ) -> jnp.ndarray:
+  """Spectral convergence + log-magnitude L1 at several resolutions, summed over them.
+
+  The multi-resolution STFT loss of Yamamoto et al. (2020), on magnitudes scaled by
+  1 / sqrt(win) so that `log_floor` is a level in the signal's own units (normalised-scale
+  RMS; 1e-3 is about 57 dB below a typical stem). Not in the paper: the time MSE alone lets
+  every estimate keep a broadband floor of the mixture (a bass estimate with energy at
+  10 kHz costs almost nothing in MSE), and the log-magnitude term charges each empty band.
+  Per window w = 2**p: Hann window of w samples, hop w // 4, centred frames with reflect
+  padding. Spectral convergence is ||S - S_hat||_F / ||S||_F per stem over the batch (a stem
+  silent in the whole batch is left to the log term), averaged over stems.
+  target, estimate: (B, N, S) on the normalised scale.
+  """
+  target = jnp.asarray(target, jnp.float32)
+  estimate = jnp.asarray(estimate, jnp.float32)
+  batch = target.shape[0]
+  both = jnp.swapaxes(jnp.concatenate([target, estimate], axis=0), -1, -2)   # (2B, S, N)
+  total = jnp.zeros((), jnp.float32)
+  for p in window_powers:
+    win = 2 ** int(p)
+    window = (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(win) / win)).astype(np.float32)
+    spec = jnp.fft.rfft(_frames(both, win, win, win // 4) * window, axis=-1)
+    mag = jnp.sqrt(jnp.square(spec.real) + jnp.square(spec.imag) + 1e-12) / np.sqrt(win)
+    mag_t, mag_e = mag[:batch], mag[batch:]                                  # (B, S, T, F)
+    diff = jnp.sum(jnp.square(mag_t - mag_e), axis=(0, 2, 3))
+    ref = jnp.sum(jnp.square(mag_t), axis=(0, 2, 3))
+    present = ref > 1e-6 * jnp.max(ref)
+    sc = jnp.sqrt(diff / jnp.where(present, ref, 1.0))
+    sc = jnp.sum(jnp.where(present, sc, 0.0)) / jnp.maximum(jnp.sum(present), 1)
+    log_mag = jnp.mean(jnp.abs(jnp.log(mag_t + log_floor) - jnp.log(mag_e + log_floor)))
+    total = total + sc + log_mag
+  return total

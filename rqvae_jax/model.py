@@ -111,7 +111,8 @@ class Encoder(nn.Module):
                       name=f'block{i + 1}')(x, train)
       skips.append(x)
     x = BiLSTM(c.channels[-1], c.lstm_layers, c.dropout, c.lstm_impl, dtype, name='lstm')(x, train)
-    x = nn.Dense(c.channels[-1], dtype=dtype, name='fc')(x)
+    x = nn.Dense(c.channels[-1], dtype=dtype, name='fc',
+                 **blocks.dense_init(x.shape[-1], c.get('torch_init', False)))(x)
     return x, skips
 
 
@@ -125,21 +126,40 @@ class Decoder(nn.Module):
     dtype = jnp.dtype(c.dtype)
     x = BiLSTM(c.channels[-1], c.lstm_layers, c.dropout, c.lstm_impl, dtype, name='lstm')(
         z.astype(dtype), train)
-    x = nn.Dense(c.channels[-1], dtype=dtype, name='fc')(x)
+    x = nn.Dense(c.channels[-1], dtype=dtype, name='fc',
+                 **blocks.dense_init(x.shape[-1], c.get('torch_init', False)))(x)
     num_blocks = len(c.channels)
     out_channels = list(reversed(c.channels[:-1]))          # 128, 64, 32, 16
     specs = list(reversed(list(zip(c.kernels, c.strides))))  # (4,2), (6,4), (7,5), (7,5), (3,1)
     for i in range(num_blocks - 1):
       if skips is not None:
-        x = x + skips[num_blocks - 1 - i].astype(dtype)
+        x = self._add_skip(x, skips[num_blocks - 1 - i].astype(dtype), f'gate{i + 1}')
       k, s = specs[i]
       x = _conv_block(c, out_channels[i], k, s, transposed=True, leading_norm=(i == 0),
                       name=f'block{i + 1}')(x, train)
     if skips is not None:
-      x = x + skips[0].astype(dtype)
+      x = self._add_skip(x, skips[0].astype(dtype), f'gate{num_blocks}')
     k, s = specs[-1]
-    x = blocks.ConvTranspose(c.num_stems, k, s, c.padding, dtype, name='out')(x)
+    padding = c.padding
+    if c.output_kernel:
+      k, padding = c.output_kernel, (c.output_kernel - 1) // 2
+    x = blocks.ConvTranspose(c.num_stems, k, s, padding, dtype, name='out')(x)
     return x.astype(jnp.float32)
+
+  def _add_skip(self, x, skip, name: str):
+    """x + skip ('add', the paper), or x + skip * sigmoid(dense(x)) ('gated').
+
+    With gates, what each skip channel contributes at each time step is decided by the
+    decoder's state, which comes from the quantized latent: the skips carry waveform detail
+    and the latent decides which of it belongs to the stems (README: Demo).
+    """
+    if self.config.skip_mode == 'add':
+      return x + skip
+    if self.config.skip_mode != 'gated':
+      raise ValueError(f"model.skip_mode must be 'add' or 'gated', got "
+                       f"{self.config.skip_mode!r}.")
+    gate = nn.Dense(skip.shape[-1], dtype=x.dtype, name=name)(x)
+    return x + skip * nn.sigmoid(gate)
 
 
 class RQVAE(nn.Module):
@@ -171,6 +191,29 @@ class RQVAE(nn.Module):
     z_q, aux = self.quantizer(z_e, train)
     out = self.decoder(z_q, skips if self.config.skip_connections else None, train)
     return denormalize(out, self.config), aux
+
+  def forward_path(self, mixture, path: str = 'full') -> jax.Array:
+    """Stems (eval mode) with one path of the model cut, to see where separation comes from.
+
+    'full': the forward pass; 'unquantized': the encoder's z_e goes to the decoder without
+    the quantizer; 'skips_only': the latent is zeroed, only the skips reach the decoder;
+    'codes_only': the quantized latent with zero skips (what `decode(codes)` gives).
+    """
+    z_e, skips = self.encode_frames(mixture, False)
+    z_q, _ = self.quantizer(z_e, False)
+    use_skips = self.config.skip_connections
+    if path == 'full':
+      z, s = z_q, skips
+    elif path == 'unquantized':
+      z, s = z_e, skips
+    elif path == 'skips_only':
+      z, s = jnp.zeros_like(z_q), skips
+    elif path == 'codes_only':
+      z, s = z_q, [jnp.zeros_like(x) for x in skips]
+    else:
+      raise ValueError(f"path must be 'full', 'unquantized', 'skips_only' or 'codes_only', "
+                       f'got {path!r}.')
+    return denormalize(self.decoder(z, s if use_skips else None, False), self.config)
 
   def encode(self, mixture) -> jax.Array:
     """Codes (B, T, Q) int32 of a mixture (eval mode)."""

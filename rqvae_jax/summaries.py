@@ -32,3 +32,57 @@ def stems_image(stems: np.ndarray, **kwargs) -> np.ndarray:
     rows.append(spectrogram_image(stems[:, s], **kwargs))
     rows.append(np.full((2,) + rows[-1].shape[1:], 255, np.uint8))
   return np.concatenate(rows[:-1], axis=0)
+
+
+def _draw_text(draw, xy, text, fill=(40, 40, 40)):
+  draw.text(xy, text, fill=fill)
+
+
+def curve_png(path: str, series, title: str = '', y_label: str = '', size=(720, 420)) -> None:
+  """Writes a line plot of {name: (xs, ys)} to a PNG (Pillow only, no matplotlib).
+
+  Each series gets its own colour and a legend entry; axes carry min/max tick labels. Used
+  for the validation SI-SDRi curve that training keeps in the workdir.
+  """
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  colours = [(0, 0, 0), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+             (140, 86, 75), (227, 119, 194), (127, 127, 127)]
+  width, height = size
+  left, right, top, bottom = 70, 150, 40, 50
+  image = Image.new('RGB', size, (255, 255, 255))
+  draw = ImageDraw.Draw(image)
+  points = [(float(x), float(y)) for xs, ys in series.values() for x, y in zip(xs, ys)
+            if np.isfinite(y)]
+  _draw_text(draw, (left, 12), title)
+  if not points:
+    image.save(path)
+    return
+  x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+  y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+  if x1 == x0:
+    x0, x1 = x0 - 1, x1 + 1
+  pad = 0.05 * (y1 - y0 or 1.0)
+  y0, y1 = y0 - pad, y1 + pad
+  sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)
+  sy = lambda y: height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+  draw.rectangle([left, top, width - right, height - bottom], outline=(0, 0, 0))
+  for frac in np.linspace(0, 1, 5):
+    yv = y0 + frac * (y1 - y0)
+    draw.line([left - 4, sy(yv), left, sy(yv)], fill=(0, 0, 0))
+    _draw_text(draw, (8, sy(yv) - 6), f'{yv:.2f}')
+    xv = x0 + frac * (x1 - x0)
+    draw.line([sx(xv), height - bottom, sx(xv), height - bottom + 4], fill=(0, 0, 0))
+    _draw_text(draw, (sx(xv) - 12, height - bottom + 8), f'{xv:.0f}')
+  _draw_text(draw, (width // 2 - 20, height - 20), 'step')
+  _draw_text(draw, (8, top - 24), y_label)
+  for i, (name, (xs, ys)) in enumerate(series.items()):
+    colour = colours[i % len(colours)]
+    pts = [(sx(float(x)), sy(float(y))) for x, y in zip(xs, ys) if np.isfinite(y)]
+    if len(pts) > 1:
+      draw.line(pts, fill=colour, width=2)
+    for px, py in pts:
+      draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+    ly = top + 16 * i
+    draw.line([width - right + 10, ly + 6, width - right + 30, ly + 6], fill=colour, width=2)
+    _draw_text(draw, (width - right + 35, ly), name)
+  image.save(path)

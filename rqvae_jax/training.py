@@ -9,6 +9,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -130,6 +131,12 @@ def train_step(state: TrainState, batch: jax.Array, *, config: ml_collections.Co
       parts['sisdr'] = losses.sisdr_loss(batch, estimate, config.data.silence_threshold)
       loss = loss + config.loss.sisdr_weight * parts['sisdr']
       parts['total'] = loss
+    if config.loss.stft_weight:
+      parts['stft'] = losses.multiresolution_stft_loss(
+          target, normalize(estimate, config.model), config.loss.stft_window_powers,
+          config.loss.stft_log_floor)
+      loss = loss + config.loss.stft_weight * parts['stft']
+      parts['total'] = loss
     return loss, (parts, new_vars, aux)
 
   (loss, (parts, new_vars, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -195,18 +202,46 @@ def eval_step(state: TrainState, batch: jax.Array, *, config: ml_collections.Con
           'counts': aux['counts']}
 
 
+def kmeans_frames(state: TrainState, mixtures: np.ndarray, config: ml_collections.ConfigDict,
+                  rng: jax.Array) -> np.ndarray:
+  """Encoder frames z_e (M * T, D) of mixtures (M, N) as a training forward quantizes them.
+
+  Training mode, like the original's `compute_centroids`: BatchNorm normalises with batch
+  statistics and dropout is on. In eval mode the running statistics at initialisation
+  (mean 0, var 1) leave the frames ~12x narrower than those training then quantizes, so the
+  k-means codes would sit in a corner of the frames' cloud. The mixtures are encoded in
+  ceil(M / batch_size) near-equal chunks of at most `config.batch_size` (batch statistics
+  over about a training batch, without a tiny last chunk); the updated running statistics
+  are discarded.
+  """
+  model = RQVAE(config.model)
+
+  @jax.jit
+  def encode(variables, x, key):
+    (z_e, _), _ = model.apply(variables, x, train=True, rngs={'dropout': key},
+                              mutable=['batch_stats'], method=RQVAE.encode_frames)
+    return z_e
+
+  variables = state.variables()
+  num_chunks = -(-len(mixtures) // max(int(config.batch_size), 1))
+  chunks = np.array_split(np.asarray(mixtures, np.float32), num_chunks)
+  frames = np.concatenate([np.asarray(encode(variables, chunk, jax.random.fold_in(rng, i)))
+                           for i, chunk in enumerate(chunks)])
+  return frames.reshape(-1, frames.shape[-1])
+
+
 def kmeans_initialize(state: TrainState, mixtures: np.ndarray,
                       config: ml_collections.ConfigDict) -> TrainState:
-  """Codebooks from k-means on encoder frames of training mixtures (B, N) (the paper's init)."""
+  """Codebooks from k-means on encoder frames of training mixtures (B, N) (the paper's init).
+
+  The frames come from a training-mode forward (`kmeans_frames`); the state's BatchNorm
+  statistics are left as they were.
+  """
   qcfg = config.model.quantizer
   if qcfg.kmeans_stages == 'none':
     return state
-  model = RQVAE(config.model)
-  encode = jax.jit(lambda v, x: model.apply(v, x, method=RQVAE.encode_frames)[0])
-  frames = np.concatenate([np.asarray(encode(state.variables(), mixtures[i:i + 4]))
-                           for i in range(0, len(mixtures), 4)])
-  frames = frames.reshape(-1, frames.shape[-1])
-  rng, key = jax.random.split(state.rng)
+  rng, key, dropout_key = jax.random.split(state.rng, 3)
+  frames = kmeans_frames(state, mixtures, config, dropout_key)
   codebooks = qz.kmeans_init_codebooks(state.params['quantizer']['codebooks'], frames, key,
                                        stages=qcfg.kmeans_stages, num_iters=qcfg.kmeans_iters,
                                        seeding=qcfg.kmeans_seeding)
@@ -266,26 +301,35 @@ def _scalars(prefix: str, values: Dict[str, np.ndarray]) -> Dict[str, float]:
   return out
 
 
-def validate(state: TrainState, p_eval_step, val_batches: List[np.ndarray], mesh,
+def validate(state: TrainState, p_eval_step, val_batches, mesh,
              config: ml_collections.ConfigDict) -> Tuple[Dict[str, float], Dict[str, np.ndarray]]:
   """Mean validation loss and SI-SDRi per stem (over non-silent reference stems), plus the
-  first batch's audio for the summaries."""
+  first batch's audio for the summaries.
+
+  val_batches: (stems, valid) pairs (`validation_batches`). Rows with valid False only pad a
+  batch and count in no SI-SDRi mean; the loss is a mean of batch losses weighted by their
+  valid rows (a padded batch's own mean still includes its padding: the loss is only logged).
+  """
   stems = config.data.stems
-  total, counted, losses_, first = np.zeros(len(stems)), np.zeros(len(stems)), [], None
-  for batch in val_batches:
+  total, counted, first = np.zeros(len(stems)), np.zeros(len(stems)), None
+  loss_sum, loss_rows = 0.0, 0
+  for batch, valid in val_batches:
     out = p_eval_step(state, parallel.shard_batch(batch, mesh))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
-      out = multihost_utils.process_allgather(out, tiled=True)
+      out, valid = multihost_utils.process_allgather(
+          (out, parallel.shard_batch(np.asarray(valid), mesh)), tiled=True)
     out = jax.device_get(out)
-    active = np.asarray(out['active'], bool)
+    valid = np.asarray(valid, bool)
+    active = np.asarray(out['active'], bool) & valid[:, None]
     total += np.where(active, out['sisdri'], 0).sum(0)
     counted += active.sum(0)
-    losses_.append(float(out['loss']))
+    loss_sum += float(out['loss']) * int(valid.sum())
+    loss_rows += int(valid.sum())
     if first is None:
       first = {'stems': batch, 'estimate': np.asarray(out['estimate'])}
   per_stem = total / np.maximum(counted, 1)
-  result = {'val/loss': float(np.mean(losses_)),
+  result = {'val/loss': loss_sum / max(loss_rows, 1),
             'val/sisdri_mean': float(np.mean(per_stem[counted > 0])) if counted.any() else 0.0}
   result.update({f'val/sisdri_{name}': float(v)
                  for name, v, n in zip(stems, per_stem, counted) if n > 0})
@@ -389,6 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       writer.write_scalars(step, val)
       if is_main:
         _write_examples(writer, step, example, config)
+        record_validation(workdir, step, val, config.data.stems)
         print('  '.join(f'{k} {v:.3f}' for k, v in val.items()), file=sys.stderr, flush=True)
       checkpointer.save_if_best(step, state, _meta(step, config, val), val['val/sisdri_mean'])
       stop = (config.optim.early_stop_patience
@@ -408,6 +453,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   return state
 
 
+VAL_HISTORY = 'val_history.jsonl'
+VAL_CURVE = 'val_sisdri.png'
+
+
+def record_validation(workdir: str, step: int, val: Dict[str, float], stems) -> None:
+  """Appends a validation to workdir/val_history.jsonl and redraws workdir/val_sisdri.png
+  (validation SI-SDRi per stem and mean against the step; a step validated again after a
+  resume keeps its latest figures)."""
+  from rqvae_jax import summaries  # pylint: disable=g-import-not-at-top
+  history_path = os.path.join(workdir, VAL_HISTORY)
+  with open(history_path, 'a') as f:
+    f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in val.items()}}) + '\n')
+  by_step = {}
+  with open(history_path) as f:
+    for line in f:
+      if line.strip():
+        row = json.loads(line)
+        by_step[row['step']] = row
+  steps = sorted(by_step)
+  series = {}
+  for name in ('mean',) + tuple(stems):
+    key = f'val/sisdri_{name}'
+    series[name] = (steps, [by_step[s].get(key, float('nan')) for s in steps])
+  summaries.curve_png(os.path.join(workdir, VAL_CURVE), series,
+                      title='validation SI-SDRi (dB, non-silent stems)', y_label='dB')
+
+
 def _meta(step: int, config, val: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
   return {'step': int(step), 'config_hash': config_hash(config), 'variant': config.variant,
           'val': val or {}}
@@ -418,20 +490,57 @@ def _flatten_config(config) -> Dict[str, Any]:
   return {k: (str(v) if isinstance(v, (tuple, list)) else v) for k, v in flat.items()}
 
 
+class ValidationBatches:
+  """This process's validation batches: (stems (B, N, S) float32, valid (B,) bool) pairs.
+
+  The windows are read from the audio files batch by batch on each iteration, so the whole
+  validation split (`num_eval_batches = 0`) need not fit in memory. `valid` is False on the
+  rows that only pad the last batch to `batch_size` (copies of a real window, so the model
+  sees ordinary audio): `validate` leaves them out of its means.
+  """
+
+  def __init__(self, tracks, rows: List[Tuple[int, int]], num_real: int, batch_size: int,
+               data_config: ml_collections.ConfigDict):
+    self.tracks, self.rows, self.num_real = tracks, rows, num_real
+    self.batch_size, self.data_config = batch_size, data_config
+
+  def __len__(self) -> int:
+    return len(self.rows) // self.batch_size
+
+  def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    from data import pipeline
+    d = self.data_config
+    for b in range(0, len(self.rows), self.batch_size):
+      rows = self.rows[b:b + self.batch_size]
+      stems = np.stack([pipeline.load_stems(self.tracks[t], start, d.eval_window_samples,
+                                            d.stems) for t, start in rows]).astype(np.float32)
+      yield stems, np.arange(b, b + len(rows)) < self.num_real
+
+
 def validation_batches(tracks, config: ml_collections.ConfigDict, batch_size: int
-                       ) -> List[np.ndarray]:
-  """A fixed validation subset: windows of the evaluation protocol spread over the split."""
-  from data import windows as windows_lib, pipeline
+                       ) -> ValidationBatches:
+  """The validation windows of this process, in batches of `batch_size` with a validity mask.
+
+  `num_eval_batches > 0`: a fixed subset of that many global batches, spread evenly over the
+  split's protocol windows (so over tracks, not the first few). `num_eval_batches = 0`: every
+  protocol window of the split, as the original validates on the whole split (a 128-window
+  subset has a standard error far above the plateau rule's 0.05 dB; README: Fidelity). The
+  last batches are padded with invalid rows; every process gets the same number of batches,
+  since the evaluation step is one collective program.
+  """
+  from data import windows as windows_lib
   ev = windows_lib.eval_windows(tracks, config.data)
-  wanted = config.num_eval_batches * batch_size * jax.process_count()
-  # Evenly spread over the protocol's windows (so over tracks), not the first few tracks.
-  spread = np.unique(np.linspace(0, len(ev.windows) - 1, wanted).round().astype(int))
-  picked = [ev.windows[i] for i in spread][jax.process_index()::jax.process_count()]
-  if not picked:
+  if not ev.windows:
     raise ValueError('The validation split has no window with two active stems; check the data.')
-  arrays = [pipeline.load_stems(tracks[t], start, config.data.eval_window_samples,
-                                config.data.stems) for t, start in picked]
-  while len(arrays) % batch_size:
-    arrays.append(arrays[len(arrays) % len(picked)])
-  stacked = np.stack(arrays).astype(np.float32)
-  return [stacked[i:i + batch_size] for i in range(0, len(stacked), batch_size)]
+  count, index = jax.process_count(), jax.process_index()
+  if config.num_eval_batches:
+    wanted = config.num_eval_batches * batch_size * count
+    spread = np.unique(np.linspace(0, len(ev.windows) - 1, wanted).round().astype(int))
+  else:
+    spread = np.arange(len(ev.windows))
+  picked = [ev.windows[i] for i in spread[index::count]]
+  per_process = -(-len(spread) // count)
+  total = -(-per_process // batch_size) * batch_size
+  fill = picked or [ev.windows[spread[0]]]
+  rows = picked + [fill[i % len(fill)] for i in range(total - len(picked))]
+  return ValidationBatches(tracks, rows, len(picked), batch_size, config.data)

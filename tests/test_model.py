@@ -114,3 +114,28 @@ def test_bad_inputs_raise_clear_errors(smoke):
     model.apply(variables, jnp.pad(x, ((0, 0), (0, 1))))
   with pytest.raises(ValueError, match='NaN'):
     model.apply(variables, x.at[0, 5].set(jnp.nan))
+
+
+@pytest.mark.parametrize('torch_init', [True, False])
+def test_fc_layers_initialise_like_pytorch_linear(torch_init):
+  """model.torch_init: nn.Linear's U(+-1/sqrt(fan_in)) for the fc weight and bias; off: Flax's
+  lecun-normal weight (std 1/sqrt(fan_in)) and zero bias, as before the field existed."""
+  cfg = get_config('paper').model
+  assert cfg.torch_init                           # the default, in paper and original
+  cfg.torch_init = torch_init
+  x = jnp.zeros((1, 200))                         # one latent frame: the init is cheap
+  params = jax.jit(lambda x: RQVAE(cfg).init({'params': jax.random.PRNGKey(0)}, x))(x)['params']
+  fan_in = 2 * cfg.channels[-1]                   # the BiLSTM's output
+  bound = 1.0 / np.sqrt(fan_in)
+  for part in ('encoder', 'decoder'):
+    kernel = np.asarray(params[part]['fc']['kernel'])
+    bias = np.asarray(params[part]['fc']['bias'])
+    assert kernel.shape == (fan_in, cfg.channels[-1]) and bias.shape == (cfg.channels[-1],)
+    if torch_init:
+      for w, rtol in ((kernel, 0.02), (bias, 0.15)):    # 131072 and 256 samples
+        assert np.all(np.abs(w) <= bound) and np.abs(w).max() > 0.95 * bound
+        np.testing.assert_allclose(np.std(w), bound / np.sqrt(3), rtol=rtol)
+    else:
+      assert np.all(bias == 0)
+      np.testing.assert_allclose(np.std(kernel), 1.0 / np.sqrt(fan_in), rtol=0.02)
+      assert np.abs(kernel).max() > 1.5 * bound         # normal tails, beyond the uniform's

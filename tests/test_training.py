@@ -239,3 +239,116 @@ def test_two_devices_match_one_device(tmp_path):
   assert scale > 0
   for key in one:
     np.testing.assert_allclose(one[key], two[key], rtol=1e-2, atol=1e-2 * scale, err_msg=key)
+
+
+def test_kmeans_uses_training_mode_frames_and_keeps_batch_stats(monkeypatch):
+  """k-means fits the frames a training forward quantizes (batch statistics, dropout), not the
+  eval-mode ones, whose running statistics at init make them much narrower."""
+  cfg = get_config('smoke')
+  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  mixtures = np.concatenate([np.asarray(_batch(cfg, seed)).sum(-1) for seed in (0, 1)])
+  assert len(mixtures) == 2 * cfg.batch_size
+  seen = {}
+  original_init = training.qz.kmeans_init_codebooks
+
+  def spy(codebooks, frames, *args, **kwargs):
+    seen['frames'] = np.asarray(frames)
+    return original_init(codebooks, frames, *args, **kwargs)
+
+  monkeypatch.setattr(training.qz, 'kmeans_init_codebooks', spy)
+  before = jax.device_get(state)
+  after = training.kmeans_initialize(state, mixtures, cfg)
+
+  # What train_step quantizes: the first stage's input of a training forward on a training
+  # batch of other mixtures, with batch statistics.
+  model = training.RQVAE(cfg.model)
+  (_, aux), _ = jax.jit(lambda v, x, r: model.apply(
+      v, x, train=True, rngs={'dropout': r}, mutable=training.MUTABLE))(
+          state.variables(), np.asarray(_batch(cfg, 2)).sum(-1), jax.random.PRNGKey(3))
+  eval_frames = model.apply(state.variables(), mixtures, method=training.RQVAE.encode_frames)[0]
+  d = cfg.model.channels[-1]
+  # Width of the frames' cloud: per-channel std over frames, averaged over channels (the
+  # overall std is dominated by the channels' constant offsets, which k-means does not mind).
+  spread = lambda frames: float(np.mean(np.std(np.asarray(frames).reshape(-1, d), axis=0)))
+  train_std = spread(np.asarray(aux['residuals'])[:, :, 0])
+  eval_std, kmeans_std = spread(eval_frames), spread(seen['frames'])
+  assert seen['frames'].shape == (len(mixtures) * aux['codes'].shape[1], d)
+  assert abs(kmeans_std / train_std - 1) < 0.2, (kmeans_std, train_std, eval_std)
+  assert train_std > 2 * eval_std, (kmeans_std, train_std, eval_std)
+
+  # The running statistics are the state's, unchanged; only the first codebook was fitted.
+  for a, b in zip(jax.tree_util.tree_leaves(before.batch_stats),
+                  jax.tree_util.tree_leaves(jax.device_get(after.batch_stats))):
+    np.testing.assert_array_equal(a, b)
+  cb_before = before.params['quantizer']['codebooks']
+  cb_after = np.asarray(after.params['quantizer']['codebooks'])
+  assert not np.allclose(cb_after[0], cb_before[0])
+  np.testing.assert_array_equal(cb_after[1:], cb_before[1:])
+
+
+@pytest.fixture(scope='module')
+def smoke_validation(tmp_path_factory):
+  """(config, validation tracks, protocol windows) of the smoke config's synthetic data."""
+  from data import pipeline, slakh, windows as windows_lib
+  cfg = smoke_config(tmp_path_factory.mktemp('smoke_validation'))
+  tracks = slakh.scan(pipeline.resolve_root(cfg.data), 'validation', cfg.data).kept
+  return cfg, tracks, windows_lib.eval_windows(tracks, cfg.data)
+
+
+def test_validation_batches_zero_means_every_window(smoke_validation):
+  cfg, tracks, ev = smoke_validation
+  cfg.num_eval_batches = 0
+  batch_size = 7
+  assert ev.num_kept % batch_size, 'the test needs a padded last batch'
+  batches = list(training.validation_batches(tracks, cfg, batch_size))
+  assert len(batches) == -(-ev.num_kept // batch_size)
+  stems = np.concatenate([b for b, _ in batches])
+  valid = np.concatenate([v for _, v in batches])
+  assert stems.shape == (len(batches) * batch_size, cfg.data.eval_window_samples, 4)
+  assert valid.sum() == ev.num_kept and valid[:ev.num_kept].all()   # padding: the tail only
+  from data import pipeline
+  for i in (0, ev.num_kept - 1):
+    t, start = ev.windows[i]
+    np.testing.assert_array_equal(stems[i], pipeline.load_stems(
+        tracks[t], start, cfg.data.eval_window_samples, cfg.data.stems))
+  cfg.num_eval_batches = 1                  # a subset: one batch spread over the split
+  (subset, subset_valid), = list(training.validation_batches(tracks, cfg, batch_size))
+  assert subset.shape[0] == batch_size and subset_valid.all()
+
+
+def test_validate_leaves_padded_rows_out_of_the_means(smoke_validation):
+  from rqvae_jax import metrics, parallel
+  cfg, tracks, ev = smoke_validation
+  cfg.num_eval_batches = 0
+  batch_size = 7                            # 24 windows: the last batch has 4 padded rows
+  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  p_eval_step = jax.jit(functools.partial(training.eval_step, config=cfg))
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  batches = list(training.validation_batches(tracks, cfg, batch_size))
+  result, _ = training.validate(state, p_eval_step, batches, mesh, cfg)
+
+  # By hand, over the real windows only: mean SI-SDRi per stem over non-silent references.
+  real = np.concatenate([b[v] for b, v in batches])
+  assert len(real) == ev.num_kept
+  out = jax.jit(functools.partial(training.eval_step, config=cfg))(state, real)
+  sisdri, active = np.asarray(out['sisdri']), np.asarray(out['active'], bool)
+  np.testing.assert_array_equal(active, ev.active)
+  per_stem = [sisdri[active[:, s], s].mean() for s in range(4) if active[:, s].any()]
+  np.testing.assert_allclose(result['val/sisdri_mean'], np.mean(per_stem), rtol=1e-5)
+  # Counting the padded rows (the old behaviour) would give another mean.
+  last, last_valid = batches[-1]
+  assert (~last_valid).sum() >= 2
+  pad_out = p_eval_step(state, last)
+  all_sisdri = np.concatenate([sisdri, np.asarray(pad_out['sisdri'])[~last_valid]])
+  all_active = np.concatenate([active, np.asarray(pad_out['active'], bool)[~last_valid]])
+  naive = np.mean([all_sisdri[all_active[:, s], s].mean() for s in range(4)
+                   if all_active[:, s].any()])
+  assert abs(naive - result['val/sisdri_mean']) > 1e-3, (naive, result)
+
+  # Whatever the padded rows hold, the result is the same.
+  loud = [(b, v) for b, v in batches[:-1]] + [
+      (np.where(last_valid[:, None, None], last, 3.0 * last[::-1]), last_valid)]
+  again, _ = training.validate(state, p_eval_step, loud, mesh, cfg)
+  for key in result:
+    if key != 'val/loss':
+      np.testing.assert_allclose(again[key], result[key], rtol=1e-6, err_msg=key)
