@@ -5,6 +5,7 @@
 Everything runs on the embedded synthetic mini-Slakh (generated once, cached); a second run
 resumes or reuses what the first one finished. Prints where the results are.
 """
+import json
 import os
 import sys
 import time
@@ -24,9 +25,10 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)   # the console gets the progress line, not every scalar
   import numpy as np
   import soundfile as sf
+  from benchmarks import path_breakdown
   from configs.rqvae import get_config
   from data import pipeline, slakh
-  from rqvae_jax import audio, compilation_cache, evaluation, separate, training
+  from rqvae_jax import audio, compilation_cache, evaluation, separate, training, validation
 
   compilation_cache.enable()
   config = get_config(FLAGS.variant)
@@ -45,8 +47,14 @@ def main(argv):
 
   print('[3/4] Evaluating on the test split ...', file=sys.stderr)
   result = evaluation.evaluate(config, workdir, 'test', 'best')
+  print(f'      evaluated in {(time.time() - t_eval) / 60:.1f} min', file=sys.stderr)
+
+  print('      where the separation comes from (benchmarks/path_breakdown, every 8th test '
+        'window) ...', file=sys.stderr)
+  paths = path_breakdown.breakdown(workdir, 'test', every=8)
+  with open(os.path.join(workdir, 'path_breakdown.json'), 'w') as f:
+    json.dump(paths, f, indent=1)
   t_sep = time.time()
-  print(f'      evaluated in {(t_sep - t_eval) / 60:.1f} min', file=sys.stderr)
 
   print('[4/4] Separating one test song (written as 44.1 kHz stereo to show the format '
         'round trip) ...', file=sys.stderr)
@@ -65,7 +73,14 @@ def main(argv):
   print(f"  test SI-SDRi over non-silent stems: model {ns['mean']:.2f} dB, all-zero "
         f"{zero['mean']:.2f} dB, mixture/4 "
         f"{result['baselines']['mixture_over_4']['nonsilent']['mean']:.2f} dB")
+  per_stem = ', '.join(f"{s} {ns['per_stem_mean'][s]:.2f} / {zero['per_stem_mean'][s]:.2f}"
+                       for s in config.data.stems)
+  print(f'  per stem (model / all-zero): {per_stem}')
+  cut = paths['nonsilent']
+  print('  with a path cut (every 8th window): ' + ', '.join(
+      f"{p} {cut[p]['mean']:.2f}" for p in path_breakdown.PATHS) + ' dB')
   print(f'  metrics:    {os.path.join(workdir, "eval", "test", "metrics.json")}')
+  print(f'  validation curve: {os.path.join(workdir, validation.VAL_CURVE)}')
   print(f'  examples:   {os.path.join(workdir, "eval", "test", "examples")}')
   print(f"  separated:  {info['folder']}  (residual {info['residual_db']:.1f} dB)")
   print(f'  TensorBoard: tensorboard --logdir {workdir}')

@@ -38,7 +38,7 @@ def per_window_baseline(config, split: str):
 
 
 def validation_metric(values, active) -> float:
-  """What `training.validate` reports: mean over stems of the per-stem mean over windows."""
+  """What `validation.validate` reports: mean over stems of the per-stem mean over windows."""
   per_stem = [values[active[:, s], s].mean() for s in range(values.shape[1])
               if active[:, s].any()]
   return float(np.mean(per_stem))

@@ -42,6 +42,9 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 # (section, field) -> value when absent.
 ABSENT_MEANS = {
     ('model', 'torch_init'): False,     # Dense layers had Flax's init before the field
+    ('model', 'skip_mode'): 'add',      # skips were plain sums before the field
+    ('model', 'output_kernel'): 0,      # the output layer mirrored the first kernel
+    ('loss', 'stft_weight'): 0.0,       # no STFT term before the field
 }
 
 

@@ -18,12 +18,10 @@ import sys
 import time
 from typing import Any, Dict, Union
 
-import jax
 import ml_collections
 import numpy as np
 
 from rqvae_jax import audio as audio_lib
-from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import metrics as metrics_lib
 from rqvae_jax.separate import Separator, overlap_add
 

@@ -139,3 +139,58 @@ def test_fc_layers_initialise_like_pytorch_linear(torch_init):
       assert np.all(bias == 0)
       np.testing.assert_allclose(np.std(kernel), 1.0 / np.sqrt(fan_in), rtol=0.02)
       assert np.abs(kernel).max() > 1.5 * bound         # normal tails, beyond the uniform's
+
+
+def test_forward_paths_cut_what_they_name(smoke):
+  """forward_path: 'full' is the eval forward, 'codes_only' is decode(codes) with zero skips,
+  'unquantized' decodes z_e itself, 'skips_only' a zero latent; an unknown path is an error."""
+  cfg, model, variables, x = smoke
+  path = lambda p: np.asarray(model.apply(variables, x, p, method=RQVAE.forward_path))
+  np.testing.assert_allclose(path('full'), model.apply(variables, x, train=False)[0],
+                             rtol=1e-5, atol=1e-6)
+  codes = model.apply(variables, x, method=RQVAE.encode)
+  np.testing.assert_allclose(path('codes_only'),
+                             model.apply(variables, codes, method=RQVAE.decode),
+                             rtol=1e-5, atol=1e-6)
+  z_e, skips = model.apply(variables, x, method=RQVAE.encode_frames)
+
+  def decode_latent(z):
+    return model_lib.denormalize(model.apply(
+        variables, z, skips, False, method=lambda m, z, s, t: m.decoder(z, s, t)), cfg)
+
+  np.testing.assert_allclose(path('unquantized'), decode_latent(z_e), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(path('skips_only'), decode_latent(jnp.zeros_like(z_e)),
+                             rtol=1e-5, atol=1e-6)
+  assert not np.allclose(path('skips_only'), path('full'))
+  with pytest.raises(ValueError, match="'full', 'unquantized'"):
+    path('latent')
+
+
+def test_gated_skips_are_scaled_by_the_decoder_state():
+  """skip_mode='gated': one gate per skip (5 blocks -> 5 gates) whose sigmoid scales the skip;
+  a gate pushed to 0 removes its skip, so the output equals the skips-off path there."""
+  cfg = get_config('smoke').model
+  cfg.skip_mode = 'gated'
+  model = RQVAE(cfg)
+  x = 0.1 * jax.random.normal(jax.random.PRNGKey(0), (2, SMOKE_N))
+  variables = model.init({'params': jax.random.PRNGKey(1)}, x)
+  decoder = variables['params']['decoder']
+  gates = sorted(k for k in decoder if k.startswith('gate'))
+  assert gates == [f'gate{i}' for i in range(1, 6)]
+  assert decoder['gate5']['kernel'].shape == (cfg.channels[0], cfg.channels[0])
+  closed = jax.tree_util.tree_map(lambda a: a, variables)
+  for g in gates:                                   # sigmoid(-1e4) = 0: every skip is cut
+    closed['params']['decoder'][g] = {'kernel': jnp.zeros_like(decoder[g]['kernel']),
+                                      'bias': jnp.full_like(decoder[g]['bias'], -1e4)}
+  no_skip_cfg = get_config('smoke').model
+  no_skip_cfg.skip_connections = False
+  out_closed = model.apply(closed, x)[0]
+  params_ns = {k: v for k, v in closed['params'].items()}
+  params_ns['decoder'] = {k: v for k, v in decoder.items() if not k.startswith('gate')}
+  out_ns = RQVAE(no_skip_cfg).apply({**closed, 'params': params_ns}, x)[0]
+  np.testing.assert_allclose(out_closed, out_ns, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(model.apply(variables, x)[0], out_closed)
+  bad = get_config('smoke').model
+  bad.skip_mode = 'concat'
+  with pytest.raises(ValueError, match="skip_mode must be 'add' or 'gated'"):
+    RQVAE(bad).init({'params': jax.random.PRNGKey(1)}, x)
