@@ -13,24 +13,14 @@ quantizer costs nothing.
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 
+from benchmarks import machine
+
 PATHS = ('full', 'unquantized', 'skips_only', 'codes_only')
-
-
-def _cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
 
 
 def breakdown(workdir: str, split: str = 'test', every: int = 4, checkpoint='best',
@@ -65,7 +55,8 @@ def breakdown(workdir: str, split: str = 'test', every: int = 4, checkpoint='bes
       scores[p].append(np.asarray(metrics.si_sdr_improvement(stems, est, mix)))
     scores['all_zero'].append(np.asarray(metrics.si_sdr_improvement(stems, 0 * stems, mix)))
   out = {'workdir': workdir, 'split': split, 'step': int(sep.step), 'windows': len(picked),
-         'cpu': _cpu_model(), 'date': time.strftime('%Y-%m-%d %H:%M'), 'nonsilent': {}}
+         'cpu': machine.cpu_model(), 'cpu_flags': machine.cpu_flags(),
+         'date': time.strftime('%Y-%m-%d %H:%M'), 'nonsilent': {}}
   for p, values in scores.items():
     v = np.concatenate(values)
     per_stem = {s: float(np.mean(v[active[:, i], i])) for i, s in enumerate(cfg.data.stems)}

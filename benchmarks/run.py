@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from benchmarks import machine
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -199,6 +201,7 @@ def main(argv=None):
       'time': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
       'device_kind': dev.device_kind, 'platform': dev.platform, 'device_count': jax.device_count(),
       'cpu_count': os.cpu_count(), 'host': platform.node(),
+      'cpu_model': machine.cpu_model(), 'cpu_flags': machine.cpu_flags(),
       'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
       'config': variant, 'overrides': args.set, 'batch': args.batch,
       'segment_samples': int(config.data.segment_samples), 'quick': bool(args.quick)}

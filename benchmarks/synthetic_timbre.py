@@ -45,23 +45,13 @@ import time
 import librosa
 import numpy as np
 
+from benchmarks import machine
 from configs import rqvae
 from data import synthetic
 
 N_FFT = 2048
 HOP = 512
 ACTIVE_DB = 40.0
-
-
-def cpu_model() -> str:
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or 'unknown'
 
 
 def stem_stats(x: np.ndarray, sr: int, harmonic: bool = True) -> dict:
@@ -112,7 +102,8 @@ def measure(data_config, num_tracks: int, split: str = 'train', seed: int = 0) -
               generator_version=synthetic.GENERATOR_VERSION,
               audio_seconds_per_stem=round(seconds / max(1, len(per_stem)), 1),
               wall_s=round(time.perf_counter() - t, 1),
-              cpu_model=cpu_model(), cpu_count=os.cpu_count(),
+              cpu_model=machine.cpu_model(), cpu_flags=machine.cpu_flags(),
+              cpu_count=os.cpu_count(),
               librosa=librosa.__version__, python=platform.python_version(),
               stft=dict(n_fft=N_FFT, hop=HOP, active_within_db=ACTIVE_DB))
 
