@@ -145,7 +145,10 @@ def test_forward_paths_cut_what_they_name(smoke):
   """forward_path: 'full' is the eval forward, 'codes_only' is decode(codes) with zero skips,
   'unquantized' decodes z_e itself, 'skips_only' a zero latent; an unknown path is an error."""
   cfg, model, variables, x = smoke
-  path = lambda p: np.asarray(model.apply(variables, x, p, method=RQVAE.forward_path))
+  paths = {p: jax.jit(lambda v, x, p=p: model.apply(v, x, p, method=RQVAE.forward_path))
+           for p in ('full', 'unquantized', 'skips_only', 'codes_only')}
+  path = lambda p: np.asarray(paths[p](variables, x)) if p in paths else model.apply(
+      variables, x, p, method=RQVAE.forward_path)
   np.testing.assert_allclose(path('full'), model.apply(variables, x, train=False)[0],
                              rtol=1e-5, atol=1e-6)
   codes = model.apply(variables, x, method=RQVAE.encode)
@@ -154,6 +157,7 @@ def test_forward_paths_cut_what_they_name(smoke):
                              rtol=1e-5, atol=1e-6)
   z_e, skips = model.apply(variables, x, method=RQVAE.encode_frames)
 
+  @jax.jit
   def decode_latent(z):
     return model_lib.denormalize(model.apply(
         variables, z, skips, False, method=lambda m, z, s, t: m.decoder(z, s, t)), cfg)
@@ -173,7 +177,7 @@ def test_gated_skips_are_scaled_by_the_decoder_state():
   cfg.skip_mode = 'gated'
   model = RQVAE(cfg)
   x = 0.1 * jax.random.normal(jax.random.PRNGKey(0), (2, SMOKE_N))
-  variables = model.init({'params': jax.random.PRNGKey(1)}, x)
+  variables = jax.jit(lambda x: model.init({'params': jax.random.PRNGKey(1)}, x))(x)
   decoder = variables['params']['decoder']
   gates = sorted(k for k in decoder if k.startswith('gate'))
   assert gates == [f'gate{i}' for i in range(1, 6)]
@@ -184,12 +188,14 @@ def test_gated_skips_are_scaled_by_the_decoder_state():
                                       'bias': jnp.full_like(decoder[g]['bias'], -1e4)}
   no_skip_cfg = get_config('smoke').model
   no_skip_cfg.skip_connections = False
-  out_closed = model.apply(closed, x)[0]
+  forward = jax.jit(lambda v, x: model.apply(v, x)[0])
+  out_closed = forward(closed, x)
   params_ns = {k: v for k, v in closed['params'].items()}
   params_ns['decoder'] = {k: v for k, v in decoder.items() if not k.startswith('gate')}
-  out_ns = RQVAE(no_skip_cfg).apply({**closed, 'params': params_ns}, x)[0]
+  out_ns = jax.jit(lambda v, x: RQVAE(no_skip_cfg).apply(v, x)[0])(
+      {**closed, 'params': params_ns}, x)
   np.testing.assert_allclose(out_closed, out_ns, rtol=1e-5, atol=1e-6)
-  assert not np.allclose(model.apply(variables, x)[0], out_closed)
+  assert not np.allclose(forward(variables, x), out_closed)
   bad = get_config('smoke').model
   bad.skip_mode = 'concat'
   with pytest.raises(ValueError, match="skip_mode must be 'add' or 'gated'"):
