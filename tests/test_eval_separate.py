@@ -234,3 +234,23 @@ def test_eval_codebook_statistics_leave_filler_rows_out(smoke_run, tmp_path, mod
   np.testing.assert_allclose(result['codebook']['perplexity'],
                              np.asarray(metrics.perplexity(counts)), rtol=1e-5)
   assert result['codebook']['used_codes'] == [int(x) for x in metrics.used_codes(counts)]
+
+
+def test_path_breakdown_full_path_matches_window_mode_evaluation(smoke_run):
+  """benchmarks.path_breakdown on every window: its 'full' path and all-zero figures equal
+  the evaluation protocol's window mode (each window separated alone), computed by another
+  code path; the other paths are finite and the codes alone are not the full model."""
+  from benchmarks import path_breakdown
+  cfg, workdir = smoke_run
+  out = path_breakdown.breakdown(workdir, 'test', every=1)
+  window_cfg = cfg.copy_and_resolve_references()
+  window_cfg.eval.mode = 'window'
+  reference = evaluation.evaluate(window_cfg, workdir, 'test', 'best', verbose=False)
+  assert out['windows'] == reference['windows_kept'] and out['cpu'] and 'cpu_flags' in out
+  got = out['nonsilent']
+  assert got['full']['mean'] == pytest.approx(reference['model']['nonsilent']['mean'], abs=1e-3)
+  assert got['all_zero']['mean'] == pytest.approx(
+      reference['baselines']['all_zero']['nonsilent']['mean'], abs=1e-4)
+  assert set(got) == set(path_breakdown.PATHS) | {'all_zero'}
+  assert all(math.isfinite(v) for path in got.values() for v in path.values())
+  assert got['codes_only']['mean'] != pytest.approx(got['full']['mean'], abs=0.1)
