@@ -142,6 +142,10 @@ class Decoder(nn.Module):
     k, s = specs[-1]
     padding = c.padding
     if c.output_kernel:
+      if c.output_kernel % 2 == 0:
+        raise ValueError(f'model.output_kernel must be odd (a centred stride-1 layer keeps the '
+                         f'length only then), got {c.output_kernel}; use '
+                         f'{c.output_kernel + 1}, or 0 to mirror the first encoder kernel.')
       k, padding = c.output_kernel, (c.output_kernel - 1) // 2
     x = blocks.ConvTranspose(c.num_stems, k, s, padding, dtype, name='out')(x)
     return x.astype(jnp.float32)

@@ -200,3 +200,21 @@ def test_gated_skips_are_scaled_by_the_decoder_state():
   bad.skip_mode = 'concat'
   with pytest.raises(ValueError, match="skip_mode must be 'add' or 'gated'"):
     RQVAE(bad).init({'params': jax.random.PRNGKey(1)}, x)
+
+
+@pytest.mark.parametrize('taps', [31, 30])
+def test_output_kernel_keeps_the_length_or_names_the_fix(taps):
+  """model.output_kernel: an odd tap count keeps the input length; an even one (which would
+  lengthen the output by a sample) is an error that names the odd count to use."""
+  cfg = get_config('smoke').model
+  cfg.output_kernel = taps
+  x = jax.ShapeDtypeStruct((1, SMOKE_N), jnp.float32)
+  init = lambda x: RQVAE(cfg).init({'params': jax.random.PRNGKey(0)}, x)
+  if taps % 2:
+    variables = jax.eval_shape(init, x)
+    assert variables['params']['decoder']['out']['kernel'].shape[0] == taps
+    stems = jax.eval_shape(lambda v, x: RQVAE(cfg).apply(v, x)[0], variables, x)
+    assert stems.shape == (1, SMOKE_N, cfg.num_stems)
+  else:
+    with pytest.raises(ValueError, match='output_kernel must be odd.*use 31'):
+      jax.eval_shape(init, x)
