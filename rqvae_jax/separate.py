@@ -21,6 +21,7 @@ import numpy as np
 
 from rqvae_jax import audio as audio_lib
 from rqvae_jax import checkpoints as ckpt_lib
+from rqvae_jax import metrics as metrics_lib
 from rqvae_jax.model import RQVAE, is_valid_length, next_valid_length
 
 
@@ -147,10 +148,8 @@ class Separator:
     (default all: rows past num_rows only fill a batch and are left out of the counts)."""
     stems, codes = self._fn(self.variables, jnp.asarray(mixtures, jnp.float32))
     codes = np.asarray(codes)[:len(mixtures) if num_rows is None else num_rows]
-    size = int(self.config.model.quantizer.codebook_size)
-    counts = np.stack([np.bincount(codes[..., q].ravel(), minlength=size)
-                       for q in range(codes.shape[-1])])
-    return np.asarray(stems), counts.astype(np.float32)
+    counts = metrics_lib.code_histogram(codes, int(self.config.model.quantizer.codebook_size))
+    return np.asarray(stems), np.asarray(counts, np.float32)
 
   def __call__(self, mixture: np.ndarray, progress=None) -> np.ndarray:
     """Mono mixture (N,) at the model's rate -> stems (N, S)."""
