@@ -25,6 +25,10 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import soundfile as sf
 
+# One header check for training data and user files (truncated WAVs, streaming headers);
+# `slakh.wav_problem` stays importable from here for data.prepare.
+from rqvae_jax.audio import wav_problem
+
 SPLITS = ('train', 'validation', 'test')
 SYNTHETIC_MANIFEST = 'synthetic.json'
 
@@ -75,37 +79,6 @@ class ScanReport:
              + ('' if self.duration_limits else ' (synthetic set: no duration limits)')]
     lines += [f'  dropped {os.path.basename(p)}: {reason}' for p, reason in self.dropped]
     return '\n'.join(lines)
-
-
-def wav_problem(path: str) -> Optional[str]:
-  """Checks a RIFF/WAVE header against the file size: catches truncated downloads/copies.
-
-  libsndfile silently reads what is there when the data chunk runs past the end of the
-  file, so truncation has to be checked on the header itself.
-  """
-  try:
-    size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-      head = f.read(12)
-      if len(head) < 12 or head[:4] not in (b'RIFF', b'RF64') or head[8:12] != b'WAVE':
-        return 'not a RIFF/WAVE file'
-      if head[:4] == b'RF64':
-        return None
-      pos = 12
-      while pos + 8 <= size:
-        f.seek(pos)
-        chunk = f.read(8)
-        cid, csize = chunk[:4], int.from_bytes(chunk[4:8], 'little')
-        if cid == b'data':
-          avail = size - pos - 8
-          if csize > avail:
-            return (f'truncated: the data chunk declares {csize} bytes, the file holds '
-                    f'{avail}')
-          return None
-        pos += 8 + csize + (csize & 1)
-      return 'truncated or malformed: no data chunk'
-  except OSError as e:
-    return f'unreadable ({e})'
 
 
 def _finite(path: str, block: int = 1 << 20) -> Optional[str]:

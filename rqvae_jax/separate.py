@@ -3,16 +3,25 @@
   python -m rqvae_jax.separate --workdir DIR song.wav [more.flac ...] --out separated/
 
 writes separated/<song>/{bass,drums,guitar,piano}.wav at the input's sample rate, length and
-channel count (each channel is separated on its own, so stereo stays stereo). The song is cut
-into model-sized chunks that overlap by `inference.overlap`, batched on the device, and
-cross-faded back with a Hann window (overlap-add normalised by the summed window).
+channel count (each channel is separated on its own, so stereo stays stereo). A file is
+checked in one streaming pass (truncated WAV, NaN/inf or absurd samples: refused), then
+streamed: blocks are read, resampled to the model's rate with soxr's streaming resampler,
+cut into model-sized chunks that overlap by `inference.overlap`, batched on the device,
+cross-faded back (`rqvae_jax.chunking`), resampled back and written block by block, the
+residual (input - sum of stems) accumulated on the way. Peak memory does not depend on the
+song's length. Stems go to a hidden temporary folder renamed into place at the end, so a
+failed file leaves no half-written stems. A silent input gives silent stems.
+
+The command goes on past a bad file (one line of error), and exits non-zero at the end with
+a summary; errors are one clear line, with the traceback under --verbose.
 """
 import collections
-import concurrent.futures
 import dataclasses
 import os
+import shutil
 import sys
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+import tempfile
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -22,85 +31,14 @@ import numpy as np
 from rqvae_jax import audio as audio_lib
 from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import metrics as metrics_lib
+from rqvae_jax.chunking import (chunk_starts, crossfade_window, hop_of,  # pylint: disable=unused-import
+                                overlap_add, overlap_add_stream)
 from rqvae_jax.model import RQVAE, is_valid_length, next_valid_length
 
-
-def chunk_starts(length: int, chunk: int, hop: int) -> np.ndarray:
-  """Starts of the chunks covering [0, length) (the last one may run past the end)."""
-  count = max(1, int(np.ceil(max(length - chunk, 0) / hop)) + 1)
-  return np.arange(count) * hop
-
-
-def crossfade_window(chunk: int, hop: int) -> np.ndarray:
-  """Hann-shaped fades over the overlap, flat elsewhere; never zero, so the overlap-add can
-  be normalised everywhere (a sample seen by one chunk gets exactly that chunk's value)."""
-  w = np.ones(chunk, np.float32)
-  overlap = chunk - hop
-  if overlap > 0:
-    ramp = 0.5 - 0.5 * np.cos(np.pi * (np.arange(overlap) + 0.5) / overlap)
-    w[:overlap] = ramp
-    w[chunk - overlap:] = ramp[::-1]
-  return w
-
-
-def overlap_add(separate_fn: Callable[[np.ndarray], np.ndarray], mixture: np.ndarray,
-                chunk: int, overlap: float, batch_size: int, progress=None,
-                in_flight: int = 1, pass_num_rows: bool = False) -> np.ndarray:
-  """Mixture (N,) -> stems (N, S) by chunked, batched, cross-faded separation.
-
-  separate_fn maps (batch_size, chunk) mixtures to (batch_size, chunk, S) stems. The last
-  batch is filled up with all-zero rows; with `pass_num_rows` separate_fn is called as
-  separate_fn(batch, num_rows), num_rows being how many leading rows are chunks of the
-  mixture (so statistics such as code counts can leave the filler out). With
-  `in_flight` > 1 that many batches are separated at once from worker threads (XLA on CPU
-  runs parts of the model, e.g. the LSTM recurrence, on one core, so two calls in flight
-  keep both cores busy); the result does not depend on it.
-  """
-  if not 0.0 <= overlap < 1.0:
-    raise ValueError(f'overlap must be in [0, 1), got {overlap}.')
-  if in_flight < 1:
-    raise ValueError(f'in_flight must be >= 1, got {in_flight}.')
-  n = mixture.shape[0]
-  hop = max(1, int(round(chunk * (1.0 - overlap))))
-  starts = chunk_starts(n, chunk, hop)
-  padded = np.zeros(starts[-1] + chunk, np.float32)
-  padded[:n] = mixture
-  window = crossfade_window(chunk, hop)
-  out, weight = None, np.zeros(padded.shape[0], np.float32)
-
-  def batch_of(group):
-    batch = np.zeros((batch_size, chunk), np.float32)
-    for j, s in enumerate(group):
-      batch[j] = padded[s:s + chunk]
-    return (batch, len(group)) if pass_num_rows else (batch,)
-
-  def add(group, stems):
-    nonlocal out
-    stems = np.asarray(stems)
-    if out is None:
-      out = np.zeros((padded.shape[0], stems.shape[-1]), np.float32)
-    for j, s in enumerate(group):
-      out[s:s + chunk] += stems[j] * window[:, None]
-      weight[s:s + chunk] += window
-    if progress is not None:
-      progress(len(group))
-
-  groups = [starts[b:b + batch_size] for b in range(0, len(starts), batch_size)]
-  if in_flight == 1:
-    for group in groups:
-      add(group, separate_fn(*batch_of(group)))
-  else:  # at most in_flight batches queued, so memory stays bounded on long files
-    pending = collections.deque()
-    with concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
-      for group in groups:
-        pending.append((group, pool.submit(separate_fn, *batch_of(group))))
-        if len(pending) >= in_flight:
-          done_group, future = pending.popleft()
-          add(done_group, future.result())
-      while pending:
-        done_group, future = pending.popleft()
-        add(done_group, future.result())
-  return (out / weight[:, None])[:n]
+# A file whose peak is at most one 16-bit step (dither, or digital silence) is silent: its
+# stems are written as silence instead of what the model makes of near-zero input (about
+# -30 dBFS of its biases).
+SILENCE_PEAK = 2.0 ** -15
 
 
 @dataclasses.dataclass
@@ -163,62 +101,222 @@ class Separator:
                        inf.batch_size, progress, inf.in_flight)
 
 
-def separate_file(separator: Separator, path: str, out_dir: str, stems: Sequence[str],
-                  show_progress: bool = True) -> Dict[str, float]:
-  """Separates one file into out_dir/<song>/<stem>.wav; returns lengths and the residual."""
-  import soundfile as sf
-  from tqdm import tqdm
+class _Fifo:
+  """Input blocks kept until the output frames they align with are written (the residual)."""
 
-  rate = separator.config.data.sample_rate
-  _, info = audio_lib.load_audio(path, rate, min_frames=1)
-  channels, _ = sf.read(path, dtype='float32', always_2d=True)
-  per_channel = [audio_lib.resample(channels[:, c], info.sample_rate, rate)
-                 for c in range(info.channels)]
+  def __init__(self, channels: int):
+    self.blocks = collections.deque()
+    self.channels = channels
+
+  def tee(self, blocks):
+    for block in blocks:
+      self.blocks.append(block)
+      yield block
+
+  def pop(self, n: int) -> np.ndarray:
+    parts, need = [], n
+    while need and self.blocks:
+      head = self.blocks.popleft()
+      if len(head) > need:
+        self.blocks.appendleft(head[need:])
+        head = head[:need]
+      parts.append(head)
+      need -= len(head)
+    if need:
+      parts.append(np.zeros((need, self.channels), np.float32))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _stem_blocks(separator: 'Separator', path: str, info: audio_lib.AudioInfo, fifo: _Fifo,
+                 num_stems: int, block_frames: int, progress) -> Iterator[np.ndarray]:
+  """Stems (n, S, C) at the file's rate, block by block, aligned with the file's frames
+  (read -> resample -> chunked separation -> resample back, every stage streaming)."""
+  rate, c = int(separator.config.data.sample_rate), info.channels
   inf = separator.config.inference
-  hop = max(1, int(round(separator.chunk * (1 - inf.overlap))))
-  total = len(per_channel) * len(chunk_starts(per_channel[0].shape[0], separator.chunk, hop))
+  blocks = fifo.tee(audio_lib.read_blocks(path, block_frames))
+  model_in = audio_lib.resample_stream(blocks, info.sample_rate, rate, c)
+  stems = overlap_add_stream(lambda b: separator.separate_chunks(b)[0], model_in,
+                             separator.chunk, inf.overlap, inf.batch_size, progress,
+                             inf.in_flight)
+  flat = (part.reshape(part.shape[0], num_stems * c) for part in stems)   # stem s, ch k: s*C+k
+  for part in audio_lib.resample_stream(flat, rate, info.sample_rate, num_stems * c):
+    yield part.reshape(part.shape[0], num_stems, c)
+
+
+def _write_stems(separator, path: str, info: audio_lib.AudioInfo, folder: str,
+                 stems: Sequence[str], block_frames: int, progress) -> Dict[str, float]:
+  """Streams the separation of `path` into stem files in `folder`; returns the report."""
+  import soundfile as sf
+  c, n = info.channels, info.num_frames
+  fmt = 'RF64' if n * c * 4 > 0xFFFFFFF0 - 4096 else 'WAV'   # float WAV past 4 GiB: RF64
+  writers = [sf.SoundFile(os.path.join(folder, f'{s}.wav'), 'w', info.sample_rate, c,
+                          subtype='FLOAT', format=fmt) for s in stems]
+  energy, residual, written = 0.0, 0.0, 0
+  silent = info.peak is not None and info.peak <= SILENCE_PEAK
+  fifo = _Fifo(c)
+  try:
+    if silent:          # the model's biases would make about -30 dBFS of near-zero input
+      parts = (np.zeros((min(block_frames, n - i), len(stems), c), np.float32)
+               for i in range(0, n, block_frames))
+    else:
+      parts = _stem_blocks(separator, path, info, fifo, len(stems), block_frames, progress)
+    for part in parts:
+      part = part[:n - written]
+      if not len(part):
+        continue
+      if part.shape[1] != len(stems):
+        raise ValueError(f'The model returned {part.shape[1]} stems, the config names '
+                         f'{len(stems)} ({", ".join(stems)}).')
+      bad = ~np.isfinite(part)
+      if bad.any():
+        first = written + int(np.argmax(bad.reshape(len(part), -1).any(axis=1)))
+        raise ValueError(f'The model returned NaN/inf stems for {path} (first at frame '
+                         f'{first}): the checkpoint is broken (diverged training?); nothing '
+                         'was written for this file.')
+      x = fifo.pop(len(part)).astype(np.float64)
+      energy += float(np.sum(x * x))
+      residual += float(np.sum(np.square(x - part.astype(np.float64).sum(axis=1))))
+      for s, w in enumerate(writers):
+        w.write(part[:, s, :])
+      written += len(part)
+    if written < n:     # resampling back may fall a frame or two short of the file's length
+      pad = n - written
+      x = fifo.pop(pad).astype(np.float64)
+      energy += float(np.sum(x * x))
+      residual += float(np.sum(x * x))
+      for w in writers:
+        w.write(np.zeros((pad, c), np.float32))
+  finally:
+    for w in writers:
+      w.close()
+  if silent:
+    residual_db = None
+  else:
+    residual_db = float(10 * np.log10(max(residual, 1e-300) / max(energy, 1e-300)))
+  return {'silent': silent, 'residual_db': residual_db}
+
+
+def separate_file(separator: 'Separator', path: str, out_dir: str, stems: Sequence[str],
+                  show_progress: bool = True, folder_name: Optional[str] = None,
+                  block_frames: int = audio_lib.BLOCK_FRAMES) -> Dict[str, object]:
+  """Separates one file into out_dir/<folder_name>/<stem>.wav, streaming, in bounded memory.
+
+  `folder_name` defaults to the file's name without extension. An existing folder of that
+  name is replaced once the new stems are complete; on any error nothing is left behind.
+
+  Returns:
+    {'path', 'folder', 'frames', 'sample_rate', 'channels', 'peak', 'silent',
+     'residual_db'}: residual_db is 10 log10(sum (input - sum of stems)^2 / sum input^2),
+    None for a silent input (whose stems are written as silence).
+
+  Raises:
+    ValueError: a file that cannot be separated (see `audio.inspect_audio`), or NaN/inf
+      stems from the model.
+  """
+  from tqdm import tqdm
+  info = audio_lib.inspect_audio(path, block_frames)
+  rate = int(separator.config.data.sample_rate)
+  inf = separator.config.inference
+  model_frames = int(np.floor(info.num_frames * rate / info.sample_rate + 0.5))
+  total = info.channels * len(chunk_starts(model_frames, separator.chunk,
+                                           hop_of(separator.chunk, inf.overlap)))
+  name = folder_name or os.path.splitext(os.path.basename(path))[0]
+  folder = os.path.join(out_dir, name)
+  os.makedirs(out_dir, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.{name}.partial-', dir=out_dir)
+  umask = os.umask(0o022)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)        # mkdtemp's 0700 is for the scratch name, not the output
   bar = tqdm(total=total, desc=os.path.basename(path), unit='chunk', disable=not show_progress,
              file=sys.stderr)
-  separated = np.stack([separator(x, progress=bar.update) for x in per_channel], axis=-1)
-  bar.close()                                                # (N, S, C)
-  song = os.path.splitext(os.path.basename(path))[0]
-  folder = os.path.join(out_dir, song)
-  os.makedirs(folder, exist_ok=True)
-  written = []
-  for s, name in enumerate(stems):
-    target = os.path.join(folder, f'{name}.wav')
-    audio_lib.save_audio(target, separated[:, s, :], info, subtype='FLOAT')
-    written.append(sf.read(target, dtype='float32', always_2d=True)[0])
-  total_out = np.sum(written, axis=0)
-  residual = np.sqrt(np.mean(np.square(channels - total_out)))
-  ref = np.sqrt(np.mean(np.square(channels))) + 1e-12
+  try:
+    report = _write_stems(separator, path, info, tmp, stems, block_frames, bar.update)
+    if os.path.isdir(folder):
+      shutil.rmtree(folder)
+    os.replace(tmp, folder)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  finally:
+    bar.close()
   return {'path': path, 'folder': folder, 'frames': int(info.num_frames),
           'sample_rate': int(info.sample_rate), 'channels': int(info.channels),
-          'residual_db': float(20 * np.log10(max(residual, 1e-12) / ref))}
+          'peak': float(info.peak), **report}
+
+
+def separate_files(files: Sequence[str], workdir: str, out: str, checkpoint='best',
+                   overlap: Optional[float] = None, batch_size: int = 0, in_flight: int = 0,
+                   show_progress: bool = True, stream=None) -> int:
+  """The command: checks the output folder and the inputs, restores the model once,
+  separates every good file, and returns the exit code (1 when any file failed).
+
+  A bad file costs one line of error and does not stop the others; the summary at the end
+  lists what failed. Errors that concern every file (a missing workdir, an unwritable
+  output folder) raise: run_guarded prints them.
+  """
+  from rqvae_jax import cli
+  stream = stream or sys.stderr
+  if not files:
+    raise ValueError('Give at least one audio file: python -m rqvae_jax.separate --workdir '
+                     'DIR song.wav [more files] --out separated/')
+  out = cli.check_output_dir(out)                      # before minutes of separation
+  named, failed = cli.output_names(files)
+  for path in list(p for p, _ in named):
+    try:
+      audio_lib.check_path(path)
+    except ValueError as e:
+      failed[path] = cli.one_line(e)
+  named = [(p, n) for p, n in named if p not in failed]
+  for path, message in failed.items():
+    print(f'error: {path}: {message}', file=stream)
+  done = []
+  if named:
+    from rqvae_jax import compilation_cache
+    compilation_cache.enable()
+    separator = Separator.from_workdir(workdir, checkpoint)
+    if overlap is not None:
+      separator.config.inference.overlap = overlap
+    if batch_size:
+      separator.config.inference.batch_size = batch_size
+    if in_flight:
+      separator.config.inference.in_flight = in_flight
+    hop_of(separator.chunk, separator.config.inference.overlap)   # a bad --overlap fails here
+    print(f'Restored {workdir} at step {separator.step}.', file=stream)
+    stems = separator.config.data.stems
+    for path, name in named:
+      try:
+        r = separate_file(separator, path, out, stems, show_progress, folder_name=name)
+      except ValueError as e:
+        failed[path] = cli.one_line(e)
+        print(f'error: {path}: {failed[path]}', file=stream)
+        continue
+      done.append(path)
+      head = (f"{r['folder']}: {len(stems)} stems, {r['frames']} frames at "
+              f"{r['sample_rate']} Hz x {r['channels']} ch")
+      if r['silent']:
+        print(f'{head}; the input is silent (peak {r["peak"]:.2g}), so are the stems')
+      else:
+        print(f"{head}; stems sum to the input within {r['residual_db']:.1f} dB "
+              '(residual / input energy)')
+  if failed:
+    print(f'Separated {len(done)} of {len(files)} files into {out}; {len(failed)} failed:',
+          file=stream)
+    for path, message in failed.items():
+      print(f'  {path}: {message}', file=stream)
+    return 1
+  return 0
 
 
 def main(argv):
   from absl import flags
-  flags_ = flags.FLAGS
-  files = argv[1:]
-  if not files:
-    raise SystemExit('Give at least one audio file: python -m rqvae_jax.separate --workdir DIR '
-                     'song.wav [more files] --out separated/')
-  from rqvae_jax import compilation_cache
-  compilation_cache.enable()
-  separator = Separator.from_workdir(flags_.workdir, flags_.checkpoint)
-  if flags_.overlap is not None:
-    separator.config.inference.overlap = flags_.overlap
-  if flags_.batch_size:
-    separator.config.inference.batch_size = flags_.batch_size
-  if flags_.in_flight:
-    separator.config.inference.in_flight = flags_.in_flight
-  print(f'Restored {flags_.workdir} at step {separator.step}.', file=sys.stderr)
-  for path in files:
-    r = separate_file(separator, path, flags_.out, separator.config.data.stems)
-    print(f"{r['folder']}: {len(separator.config.data.stems)} stems, {r['frames']} frames at "
-          f"{r['sample_rate']} Hz x {r['channels']} ch; stems sum to the input within "
-          f"{r['residual_db']:.1f} dB (residual / input RMS)")
+  from rqvae_jax import cli
+  f = flags.FLAGS
+  if not f.verbose:
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)   # Orbax logs every restore step at INFO
+  return cli.run_guarded(lambda: separate_files(
+      argv[1:], f.workdir, f.out, f.checkpoint, f.overlap, f.batch_size, f.in_flight),
+                         f.verbose)
 
 
 def _define_flags():
@@ -229,6 +327,7 @@ def _define_flags():
   flags.DEFINE_float('overlap', None, 'Chunk overlap in [0, 1) (default: the config\'s).')
   flags.DEFINE_integer('batch_size', 0, 'Chunks per device call (default: the config\'s).')
   flags.DEFINE_integer('in_flight', 0, 'Device calls at once (default: the config\'s).')
+  flags.DEFINE_bool('verbose', False, 'Print tracebacks with errors (for bug reports).')
   flags.mark_flags_as_required(['workdir'])
 
 
