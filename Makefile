@@ -9,10 +9,15 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
+# Test-only dependencies (torch CPU for the original code's parity tests): `make test` only.
+$(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
 .PHONY: install test demo bench
 install: $(VENV)/.installed
 
-test: install
+test: install $(VENV)/.dev-installed
 	$(PY) -m pytest -q tests
 
 demo: install
