@@ -5,6 +5,7 @@
 
 Without --config the workdir's saved config is used; with it, its model fields must match
 the checkpoint's. Writes DIR/eval/<split>/metrics.json and example WAVs, prints a table.
+Errors are one line; --verbose adds the traceback.
 """
 import os
 
@@ -18,6 +19,7 @@ flags.DEFINE_string('split', 'test', 'Split to evaluate: train, validation or te
 flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.")
 config_flags.DEFINE_config_file('config', None, 'Optional config (default: the saved one).',
                                 lock_config=True)
+flags.DEFINE_bool('verbose', False, 'Print tracebacks with errors (for bug reports).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -25,10 +27,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  from rqvae_jax import checkpoints, compilation_cache, evaluation
-  compilation_cache.enable()
-  config = FLAGS.config if FLAGS.config is not None else checkpoints.load_config(FLAGS.workdir)
-  evaluation.evaluate(config, FLAGS.workdir, FLAGS.split, FLAGS.checkpoint)
+  from rqvae_jax import checkpoints, cli, compilation_cache, evaluation
+
+  def run():
+    compilation_cache.enable()
+    config = FLAGS.config if FLAGS.config is not None else checkpoints.load_config(FLAGS.workdir)
+    evaluation.evaluate(config, FLAGS.workdir, FLAGS.split, FLAGS.checkpoint)
+
+  return cli.run_guarded(run, FLAGS.verbose)
 
 
 if __name__ == '__main__':

@@ -23,15 +23,15 @@ def one_line(error: BaseException) -> str:
 
 
 def run_guarded(fn: Callable[[], int], verbose: bool, stream=None) -> int:
-  """Runs fn() and returns its exit code; a user error is printed as one clear line (exit 1),
-  with the traceback under --verbose; Ctrl-C exits with 130 without a traceback."""
+  """Runs fn() and returns its exit code; a user error is printed as its message alone
+  (exit 1), with the traceback under --verbose; Ctrl-C exits with 130 without a traceback."""
   stream = stream or sys.stderr
   try:
     return int(fn() or 0)
   except USER_ERRORS as e:
     if verbose:
       traceback.print_exc(file=stream)
-    print(f'error: {one_line(e)}', file=stream)
+    print(f'error: {str(e).strip() or type(e).__name__}', file=stream)
     if not verbose:
       print('(run with --verbose for the traceback)', file=stream)
     return 1

@@ -10,7 +10,7 @@ import hashlib
 import math
 import sys
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import flax
 import jax
@@ -24,6 +24,7 @@ from rqvae_jax import losses
 from rqvae_jax import metrics as metrics_lib
 from rqvae_jax import parallel
 from rqvae_jax import quantizer as qz
+from rqvae_jax import resume
 from rqvae_jax import validation
 from rqvae_jax.model import RQVAE, next_valid_length, normalize
 
@@ -300,8 +301,14 @@ def _scalars(prefix: str, values: Dict[str, np.ndarray]) -> Dict[str, float]:
   return out
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains (resuming from the workdir's latest checkpoint), validates, logs and checkpoints."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_changed: Sequence[str] = ()) -> TrainState:
+  """Trains (resuming from the workdir's latest checkpoint), validates, logs and checkpoints.
+
+  A resume compares the config with the saved one (rqvae_jax.resume: every field but those
+  allowed to change, plus `allow_changed`) before anything is restored, and writes
+  config.json only after the restore succeeded.
+  """
   from clu import metric_writers
   from data import pipeline, slakh
 
@@ -309,28 +316,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   local_batch = parallel.check_batch_size(config.batch_size, mesh)
   is_main = jax.process_index() == 0
 
-  # Config: a workdir belongs to one model; a different model config is an error.
-  try:
-    saved = ckpt_lib.load_config(workdir)
-    ckpt_lib.check_config_matches(saved, config)
-  except FileNotFoundError:
-    pass
-  if is_main:
-    ckpt_lib.save_config(workdir, config)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  state, start = resume.restore_or_start(
+      config, workdir, checkpointer,
+      lambda: create_train_state(config, jax.random.PRNGKey(config.seed)), is_main,
+      allow_changed)
 
   root = pipeline.resolve_root(config.data)
   train_tracks = slakh.scan(root, 'train', config.data, verbose=is_main).kept
   val_tracks = slakh.scan(root, 'validation', config.data, verbose=is_main).kept
   val_batches = validation.validation_batches(val_tracks, config, local_batch)
-
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-  state = create_train_state(config, jax.random.PRNGKey(config.seed))
-  start = checkpointer.latest_step()
-  if start is not None:
-    state, _, start = checkpointer.restore('latest', state)
-    print(f'Resumed from {workdir} at step {start}.', file=sys.stderr)
-  else:
-    start = 0
+  if start == 0:
     qcfg = config.model.quantizer
     if qcfg.kmeans_stages != 'none':
       t = time.time()
