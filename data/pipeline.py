@@ -16,8 +16,16 @@ a segment is zero-padded. Only the window is read from disk (soundfile seek + re
 TensorFlow runs on the CPU only: it is imported lazily by the first stream (`import_tf`,
 so `resolve_root` and friends stay cheap) and GPUs are hidden from it right away, so it
 never reserves accelerator memory that JAX needs.
+
+A stem that becomes unreadable during a run (a network disk that drops, a file replaced
+under the run) must not end hours of training: a failed read is retried, then the track is
+given up with a logged warning and the example is redrawn from the other tracks
+(`ReadFaults` counts both; training writes them to TensorBoard).
 """
+import logging
 import os
+import threading
+import time
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -57,11 +65,13 @@ def load_tracks(data_config, split: str, verbose: bool = True) -> List[Track]:
 
 
 def example_window(num_frames: Sequence[int], segment: int, shift: bool, seed: int,
-                   step: int, index: int) -> Tuple[int, int]:
-  """(track index, start) of global example `index` of training step `step`."""
+                   step: int, index: int, redraw: int = 0) -> Tuple[int, int]:
+  """(track index, start) of global example `index` of training step `step`; `redraw` > 0
+  draws a replacement for an example whose track could not be read."""
   frames = np.asarray(num_frames, np.int64)
   chunks = np.maximum(frames // segment, 1)
-  rng = np.random.default_rng([int(seed) % (1 << 63), int(step), int(index)])
+  key = [int(seed) % (1 << 63), int(step), int(index)] + ([int(redraw)] if redraw else [])
+  rng = np.random.default_rng(key)
   u = int(rng.integers(int(chunks.sum())))
   cum = np.cumsum(chunks)
   t = int(np.searchsorted(cum, u, side='right'))
@@ -72,9 +82,75 @@ def example_window(num_frames: Sequence[int], segment: int, shift: bool, seed: i
   return t, start
 
 
+class ReadFaults:
+  """Failed training reads, shared by the reading threads: retries, then tracks given up.
+
+  Attributes:
+    retries: further attempts after a failed read, `delay_s` x attempt apart.
+    skipped_examples: examples redrawn because their track was given up.
+    bad_tracks: paths of the tracks given up, in order.
+  """
+
+  def __init__(self, retries: int = 2, delay_s: float = 0.5):
+    self.retries, self.delay_s = int(retries), float(delay_s)
+    self.skipped_examples = 0
+    self.bad_tracks: List[str] = []
+    self._bad = set()
+    self._lock = threading.Lock()
+
+  def is_bad(self, t: int) -> bool:
+    with self._lock:
+      return t in self._bad
+
+  def give_up(self, t: int, track: Track, error: BaseException, num_tracks: int) -> None:
+    with self._lock:
+      if t not in self._bad:
+        self._bad.add(t)
+        self.bad_tracks.append(track.path)
+        logging.warning('Skipping training track %s from now on: unreadable after %d '
+                        'attempts (%s). %d of %d tracks skipped.', track.path,
+                        self.retries + 1, error, len(self._bad), num_tracks)
+      if len(self._bad) >= num_tracks:
+        raise ValueError(f'Every training track became unreadable (last: {track.path}: '
+                         f'{error}); check the data disk.')
+
+  def count_skip(self) -> None:
+    with self._lock:
+      self.skipped_examples += 1
+
+  def scalars(self) -> dict:
+    with self._lock:
+      return {'train/skipped_examples_total': float(self.skipped_examples),
+              'train/unreadable_tracks': float(len(self._bad))}
+
+
+def read_example(tracks: Sequence[Track], frames: Sequence[int], segment: int, shift: bool,
+                 seed: int, step: int, index: int, stems: Sequence[str],
+                 faults: ReadFaults) -> np.ndarray:
+  """Stems (segment, S) of example `index` of `step`; an unreadable track is retried, then
+  given up, and the example redrawn from the others (the same redraws for the same faults)."""
+  for redraw in range(1000):
+    t, start = example_window(frames, segment, shift, seed, step, index, redraw)
+    if faults.is_bad(t):
+      continue
+    for attempt in range(faults.retries + 1):
+      try:
+        data = load_stems(tracks[t], start, segment, stems)
+      except (OSError, RuntimeError, ValueError) as e:  # libsndfile errors are RuntimeErrors
+        error = e
+        if attempt < faults.retries:
+          time.sleep(faults.delay_s * (attempt + 1))
+        continue
+      if redraw:
+        faults.count_skip()
+      return data
+    faults.give_up(t, tracks[t], error, len(tracks))
+  raise ValueError('No readable training track found in 1000 draws; check the data disk.')
+
+
 def train_dataset(data_config, tracks: Sequence[Track], batch_size: int, seed: int,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                  num_steps: Optional[int] = None):
+                  num_steps: Optional[int] = None, faults: Optional[ReadFaults] = None):
   """The tf.data.Dataset behind `train_batches` (batches (B, N, S) float32)."""
   if not tracks:
     raise ValueError('train_dataset needs at least one track.')
@@ -88,10 +164,11 @@ def train_dataset(data_config, tracks: Sequence[Track], batch_size: int, seed: i
   tracks = list(tracks)
   offset = process_index * batch_size
 
+  faults = faults if faults is not None else ReadFaults()
+
   def read(counter):
     step, j = divmod(int(counter), batch_size)
-    t, start = example_window(frames, segment, shift, seed, step, offset + j)
-    return load_stems(tracks[t], start, segment, stems)
+    return read_example(tracks, frames, segment, shift, seed, step, offset + j, stems, faults)
 
   def read_tf(counter):
     x = tf.numpy_function(read, [counter], tf.float32, stateful=False)
@@ -113,7 +190,8 @@ def train_dataset(data_config, tracks: Sequence[Track], batch_size: int, seed: i
 
 def train_batches(data_config, tracks: Sequence[Track], batch_size: int, seed: int,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                  num_steps: Optional[int] = None) -> Iterator[np.ndarray]:
+                  num_steps: Optional[int] = None, faults: Optional[ReadFaults] = None
+                  ) -> Iterator[np.ndarray]:
   """Yields float32 (batch_size, segment_samples, num_stems) stem batches, step by step.
 
   Args:
@@ -125,10 +203,11 @@ def train_batches(data_config, tracks: Sequence[Track], batch_size: int, seed: i
     process_index: this process (jax.process_index()).
     process_count: number of processes (jax.process_count()).
     num_steps: stop after this many steps (default: endless).
+    faults: where failed reads are counted (default: a private `ReadFaults()`).
   """
   ds = train_dataset(data_config, tracks, batch_size, seed, start_step=start_step,
                      process_index=process_index, process_count=process_count,
-                     num_steps=num_steps)
+                     num_steps=num_steps, faults=faults)
   return ds.as_numpy_iterator()
 
 

@@ -326,12 +326,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_tracks = slakh.scan(root, 'train', config.data, verbose=is_main).kept
   val_tracks = slakh.scan(root, 'validation', config.data, verbose=is_main).kept
   val_batches = validation.validation_batches(val_tracks, config, local_batch)
+  faults = pipeline.ReadFaults()       # unreadable training stems: retried, then skipped
   if start == 0:
     qcfg = config.model.quantizer
     if qcfg.kmeans_stages != 'none':
       t = time.time()
       kstream = pipeline.train_batches(config.data, train_tracks, qcfg.kmeans_examples,
-                                       seed=config.seed + 7919, start_step=0)
+                                       seed=config.seed + 7919, start_step=0, faults=faults)
       state = kmeans_initialize(state, next(kstream).sum(-1), config)
       print(f'k-means init of codebooks ({qcfg.kmeans_stages}) from {qcfg.kmeans_examples} '
             f'mixtures in {time.time() - t:.1f} s.', file=sys.stderr)
@@ -348,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.write_hparams({k: v for k, v in _flatten_config(config).items()})
   stream = pipeline.train_batches(config.data, train_tracks, local_batch, seed=config.seed,
                                   start_step=start, process_index=jax.process_index(),
-                                  process_count=jax.process_count())
+                                  process_count=jax.process_count(), faults=faults)
   batches = parallel.prefetch_to_mesh(stream, mesh, size=config.data.prefetch_batches)
   audio_seconds = config.batch_size * config.data.segment_samples / config.data.sample_rate
   progress = Progress(config.num_train_steps, start, audio_seconds)
@@ -363,7 +364,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       rate, audio_rate = progress.rates(step)
       scalars = _scalars('train/', means)
       scalars.update({'train/steps_per_s': rate, 'train/audio_s_per_s': audio_rate,
-                      'train/nan_skips_total': float(jax.device_get(state.nan_skips))})
+                      'train/nan_skips_total': float(jax.device_get(state.nan_skips)),
+                      **faults.scalars()})
       writer.write_scalars(step, scalars)
       if is_main:
         print(progress.line(step, float(means['loss/total']), rate), file=sys.stderr, flush=True)
