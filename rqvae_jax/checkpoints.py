@@ -5,24 +5,44 @@ Layout of a workdir:
   checkpoints/<step>/  the last `keep` states (Orbax writes to a temporary folder and renames
                        it when complete, so a run killed mid-save resumes from the previous one)
   best/<step>/         the state with the best validation SI-SDRi so far
+
+Saves run in the background. A failed one (a full disk) is raised by `check_saves`, which
+training calls after every step, as a `CheckpointSaveError` naming the folder and its free
+space; the earlier checkpoints stay. The unfinished temporary folders a crash or a failed
+save leaves are removed when training starts (`remove_unfinished`).
 """
 import json
 import os
+import shutil
+import sys
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import ml_collections
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = 'config.json'
+TMP_MARK = '.orbax-checkpoint-tmp'       # in the names of Orbax's unfinished save folders
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `text` to path via a temporary file and a rename: a reader (or a crash) never
+  sees half a file, and the previous version stays until the new one is complete."""
+  tmp = f'{path}.tmp-{os.getpid()}'
+  try:
+    with open(tmp, 'w') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(config.to_json(indent=2, sort_keys=True))
-  os.replace(tmp, path)
+  write_text_atomic(os.path.join(workdir, CONFIG_FILE), config.to_json(indent=2, sort_keys=True))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -118,31 +138,114 @@ def check_config_matches(saved, given) -> None:
                      + '\nDrop --config to use the saved one, or fix these fields.')
 
 
-class Checkpointer:
-  """Saves/restores the train state: `checkpoints/` keeps the last k, `best/` the best one."""
+class CheckpointSaveError(OSError):
+  """A background checkpoint save failed (typically a full disk)."""
 
-  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
+
+def free_space(path: str) -> str:
+  """'12.3 GiB free of 100.0 GiB' for the disk holding `path` (or why it is unknown)."""
+  try:
+    usage = shutil.disk_usage(path)
+  except OSError as e:
+    return f'free space unknown ({e})'
+  return f'{usage.free / 2**30:.1f} GiB free of {usage.total / 2**30:.1f} GiB'
+
+
+def remove_unfinished(directory: str) -> List[str]:
+  """Removes Orbax's unfinished save folders (<step>.orbax-checkpoint-tmp...) in
+  `directory`; returns their names. Finished checkpoints are never touched."""
+  if not os.path.isdir(directory):
+    return []
+  removed = sorted(n for n in os.listdir(directory) if TMP_MARK in n)
+  for name in removed:
+    path = os.path.join(directory, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      os.remove(path)
+  return removed
+
+
+class Checkpointer:
+  """Saves/restores the train state: `checkpoints/` keeps the last k, `best/` the best one.
+
+  With `cleanup` (the training process that owns the workdir), unfinished save folders are
+  removed first. Readers (eval, separate) leave them: a run may be saving right now.
+  """
+
+  def __init__(self, workdir: str, keep: int = 3, async_save: bool = True,
+               cleanup: bool = False):
     self.workdir = workdir
+    root = os.path.abspath(workdir)
+    self.dirs = {'checkpoints': os.path.join(root, 'checkpoints'),
+                 'best': os.path.join(root, 'best')}
+    if cleanup:
+      for name, directory in self.dirs.items():
+        removed = remove_unfinished(directory)
+        if removed:
+          print(f'Removed unfinished checkpoint folders in {directory} (a save cut short by '
+                f'a crash or a full disk): {", ".join(removed)}.', file=sys.stderr)
     common = dict(enable_async_checkpointing=async_save, create=True)
     self.latest = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'checkpoints'),
+        self.dirs['checkpoints'],
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, **common))
     self.best = ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), 'best'),
+        self.dirs['best'],
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m['val_sisdri'], best_mode='max',
             keep_checkpoints_without_metrics=False, **common))
+    self._saving = {}        # manager name -> step of its last save, until checked
 
   @staticmethod
   def _args(state, meta):
     return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
 
+  def _managers(self):
+    return (('checkpoints', self.latest), ('best', self.best))
+
+  def _failed(self, name: str, manager, error: BaseException) -> CheckpointSaveError:
+    step = self._saving.pop(name, None)
+    directory = self.dirs[name]
+    kept = sorted(manager.all_steps())
+    where = os.path.join(directory, str(step)) if step is not None else directory
+    # The partial folder is left to the next start's cleanup: Orbax's other writer threads
+    # may still be writing into it now.
+    return CheckpointSaveError(
+        f'Saving the checkpoint of step {step} to {where} failed: {error}. The disk has '
+        f'{free_space(directory)}. The earlier checkpoints there ({kept or "none"}) are '
+        'intact: free some space and run the same command again to resume from the latest '
+        'one (the unfinished folder is removed then).')
+
+  def check_saves(self) -> None:
+    """Raises CheckpointSaveError as soon as a background save has failed (cheap: it only
+    looks at finished saves, never waits for one in progress)."""
+    for name, manager in self._managers():
+      if name not in self._saving or manager.is_saving_in_progress():
+        continue
+      try:
+        manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except   (whatever the writer raised)
+        raise self._failed(name, manager, e) from e
+      self._saving.pop(name, None)
+
+  def _save(self, name: str, manager, step: int, **kwargs) -> None:
+    try:
+      manager.save(step, **kwargs)    # waits for the previous save, which may raise
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, CheckpointSaveError):
+        raise
+      raise self._failed(name, manager, e) from e
+    self._saving[name] = step
+
   def save(self, step: int, state, meta: Dict[str, Any]) -> None:
     if step not in self.latest.all_steps():
-      self.latest.save(step, args=self._args(state, meta))
+      self.check_saves()
+      self._save('checkpoints', self.latest, step, args=self._args(state, meta))
 
   def save_if_best(self, step: int, state, meta: Dict[str, Any], val_sisdri: float) -> None:
-    self.best.save(step, args=self._args(state, meta), metrics={'val_sisdri': float(val_sisdri)})
+    self.check_saves()
+    self._save('best', self.best, step, args=self._args(state, meta),
+               metrics={'val_sisdri': float(val_sisdri)})
 
   def latest_step(self) -> Optional[int]:
     return self.latest.latest_step()
@@ -175,8 +278,13 @@ class Checkpointer:
     return out.state, out.meta, step
 
   def wait(self) -> None:
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    """Waits for the saves in progress; a failed one raises CheckpointSaveError."""
+    for name, manager in self._managers():
+      try:
+        manager.wait_until_finished()
+      except Exception as e:  # pylint: disable=broad-except
+        raise self._failed(name, manager, e) from e
+      self._saving.pop(name, None)
 
   def close(self) -> None:
     self.latest.close()

@@ -316,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   local_batch = parallel.check_batch_size(config.batch_size, mesh)
   is_main = jax.process_index() == 0
 
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+  checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints, cleanup=is_main)
   state, start = resume.restore_or_start(
       config, workdir, checkpointer,
       lambda: create_train_state(config, jax.random.PRNGKey(config.seed)), is_main,
@@ -358,6 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   for step in range(start + 1, config.num_train_steps + 1):
     state, step_metrics = p_train_step(state, next(batches))
     history.append(step_metrics)
+    checkpointer.check_saves()          # a failed background save stops the run at once
     if step % config.log_every_steps == 0 or step == config.num_train_steps:
       means = _mean_metrics(history)
       history = []

@@ -138,6 +138,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, smoke_run):
   cfg = smoke_config(tmp_path)
   cfg.data.synthetic.cache_dir = cfg_half.data.synthetic.cache_dir
   training.train_and_evaluate(cfg, str(part))      # resumes at 2, finishes at 4
+  assert not [n for n in os.listdir(ckpts) if 'tmp' in n]   # the partial save was removed
   a, meta_a, step_a = _params(str(full))
   b, _, step_b = _params(str(part))
   assert step_a == step_b == 4 and meta_a['config_hash']
@@ -386,3 +387,52 @@ def test_demo_recipe_overfits_two_fixed_windows():
   assert 'loss/sisdr' in m and np.isfinite(float(m['loss/total']))
   last = np.asarray(evaluate(state, batch)['sisdri'])[active].mean()
   assert first < 5.0 and last > 12.0, (first, last)
+
+
+def test_failed_async_save_is_raised_at_once_with_path_and_free_space(tmp_path, monkeypatch):
+  """A save that fails in the background (here: ENOSPC from the writer) is raised by the
+  next check_saves (training calls it after every step), naming the folder and the free
+  space; the earlier checkpoint survives and the next start removes the partial folder."""
+  import errno
+  import time
+  from orbax.checkpoint._src.handlers import json_checkpoint_handler as jch
+  ck = ckpt_lib.Checkpointer(str(tmp_path / 'w'), keep=3)
+  state = {'w': jnp.arange(1000.0)}
+  ck.save(1, state, {'step': 1})
+  ck.wait()
+
+  async def disk_full(self, item, directory):
+    raise OSError(errno.ENOSPC, 'No space left on device', str(directory))
+
+  monkeypatch.setattr(jch.JsonCheckpointHandler, '_save_fn', disk_full)
+  ck.save(2, state, {'step': 2})
+  deadline = time.time() + 60
+  with pytest.raises(ckpt_lib.CheckpointSaveError) as raised:
+    while time.time() < deadline:
+      ck.check_saves()
+      time.sleep(0.05)
+  message = str(raised.value)
+  assert f"step 2 to {tmp_path / 'w' / 'checkpoints' / '2'} failed" in message
+  assert 'No space left' in message and 'GiB free of' in message and '([1])' in message
+  monkeypatch.undo()
+  ck.close()
+  ck = ckpt_lib.Checkpointer(str(tmp_path / 'w'), cleanup=True)    # the next start
+  assert os.listdir(tmp_path / 'w' / 'checkpoints') == ['1']       # partial folder removed
+  restored, meta, step = ck.restore('latest', state)
+  assert step == 1 and meta == {'step': 1}
+  ck.close()
+
+
+def test_unfinished_save_folders_are_removed_when_training_starts(tmp_path):
+  w = tmp_path / 'w'
+  ck = ckpt_lib.Checkpointer(str(w))
+  ck.save(1, {'x': jnp.ones(3)}, {'step': 1})
+  ck.wait()
+  ck.close()
+  for folder in ('checkpoints/2.orbax-checkpoint-tmp-1795600000000000',
+                 'checkpoints/3.orbax-checkpoint-tmp', 'best/1.orbax-checkpoint-tmp'):
+    (w / folder / 'state').mkdir(parents=True)
+  ckpt_lib.Checkpointer(str(w)).close()               # readers (eval, separate) leave them
+  assert len(os.listdir(w / 'checkpoints')) == 3
+  ckpt_lib.Checkpointer(str(w), cleanup=True).close()
+  assert os.listdir(w / 'checkpoints') == ['1'] and os.listdir(w / 'best') == []
