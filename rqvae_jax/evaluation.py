@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from rqvae_jax import audio as audio_lib
+from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import metrics as metrics_lib
 from rqvae_jax.separate import Separator, overlap_add
 
@@ -177,8 +178,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
           'dead_codes': [int(x) for x in np.asarray(metrics_lib.dead_codes(usage, q.dead_threshold))],
           'codebook_size': int(q.codebook_size)},
   }
-  with open(os.path.join(out_dir, 'metrics.json'), 'w') as f:
-    json.dump(result, f, indent=2)
+  # Write-then-rename: a crash or a full disk mid-write keeps the previous metrics.json whole.
+  ckpt_lib.write_text_atomic(os.path.join(out_dir, 'metrics.json'),
+                             json.dumps(result, indent=2))
   if verbose:
     print(format_table(result, stems))
     print(f'Wrote {os.path.join(out_dir, "metrics.json")} and example WAVs in '

@@ -254,3 +254,75 @@ def test_path_breakdown_full_path_matches_window_mode_evaluation(smoke_run):
   assert set(got) == set(path_breakdown.PATHS) | {'all_zero'}
   assert all(math.isfinite(v) for path in got.values() for v in path.values())
   assert got['codes_only']['mean'] != pytest.approx(got['full']['mean'], abs=0.1)
+
+
+def test_metrics_json_is_replaced_atomically(smoke_run, tmp_path, monkeypatch):
+  """A disk that fills up while metrics.json is written leaves the previous file whole."""
+  import builtins
+  import errno
+  import shutil
+  cfg, workdir = smoke_run
+  workdir = shutil.copytree(workdir, tmp_path / 'w')
+  path = workdir / 'eval' / 'test' / 'metrics.json'
+  path.parent.mkdir(parents=True)
+  path.write_text('{"previous": true}')
+  real_open = builtins.open
+
+  class FullDisk:
+    def __init__(self, f):
+      self.f = f
+
+    def write(self, text):
+      raise OSError(errno.ENOSPC, 'No space left on device')
+
+    def __getattr__(self, name):
+      return getattr(self.f, name)
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.f.close()
+
+  def fake_open(file, mode='r', *args, **kwargs):
+    f = real_open(file, mode, *args, **kwargs)
+    return FullDisk(f) if 'metrics.json' in str(file) and 'w' in mode else f
+
+  monkeypatch.setattr(builtins, 'open', fake_open)
+  with pytest.raises(OSError, match='No space left'):
+    evaluation.evaluate(cfg, str(workdir), 'test', 'best', verbose=False)
+  monkeypatch.undo()
+  assert json.loads(path.read_text()) == {'previous': True}
+  assert sorted(os.listdir(path.parent)) == ['examples', 'metrics.json']
+
+
+def test_separate_cli_skips_bad_files_and_keeps_same_named_songs_apart(smoke_run, tmp_path):
+  """One call with good, same-named, truncated, missing and folder inputs: the good ones are
+  separated into distinct folders, each bad one costs one line (no traceback), and the
+  command ends with a summary and exit status 1."""
+  _, workdir = smoke_run
+  rate = 32000
+  t = np.arange(int(1.5 * rate)) / rate
+  song = np.stack([0.3 * np.sin(2 * np.pi * 110 * t), 0.2 * np.sin(2 * np.pi * 440 * t)], -1)
+  sf.write(tmp_path / 'song.wav', song, rate, subtype='PCM_16')
+  sf.write(tmp_path / 'song.flac', song[:, :1], rate)
+  raw = (tmp_path / 'song.wav').read_bytes()
+  (tmp_path / 'cut.wav').write_bytes(raw[:len(raw) // 2])
+  (tmp_path / 'folder').mkdir()
+  inputs = ['cut.wav', 'song.wav', 'missing.ogg', 'folder', 'song.flac']
+  out = subprocess.run([sys.executable, '-m', 'rqvae_jax.separate', '--workdir', workdir,
+                        '--checkpoint', 'latest', '--out', str(tmp_path / 'sep'),
+                        *[str(tmp_path / f) for f in inputs]],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1, out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr
+  errors = [line for line in out.stderr.splitlines() if line.startswith('error: ')]
+  assert [e.split(':')[1].strip() for e in errors] == [
+      str(tmp_path / f) for f in ('cut.wav', 'missing.ogg', 'folder')]
+  assert 'truncated' in errors[0] and 'not found' in errors[1] and 'is a folder' in errors[2]
+  assert f"Separated 2 of 5 files into {tmp_path / 'sep'}; 3 failed:" in out.stderr
+  for folder, channels in (('song_wav', 2), ('song_flac', 1)):
+    for stem in ('bass', 'drums', 'guitar', 'piano'):
+      info = sf.info(str(tmp_path / 'sep' / folder / f'{stem}.wav'))
+      assert (info.samplerate, info.channels, info.frames) == (rate, channels, len(t))
+  assert sorted(os.listdir(tmp_path / 'sep')) == ['song_flac', 'song_wav']
