@@ -65,18 +65,16 @@ def output_names(paths: Sequence[str]) -> Tuple[List[Tuple[str, str]], Dict[str,
   it (song.wav and song.flac: 'song_wav' and 'song_flac'), so none overwrites another.
 
   Returns:
-    ([(path, folder name)], {path: error}) - the inputs that cannot get a distinct name
-    (the same file twice, or the same file name in two folders) are errors, not outputs.
+    ([(path, folder name)], {path: error}) - a file given twice is separated once; inputs
+    that cannot get a distinct name (the same file name in two folders) are errors.
   """
   errors, seen = {}, set()
   unique = []
   for p in paths:
     key = os.path.realpath(p)
-    if key in seen:
-      errors[p] = 'given twice: separated once'
-      continue
-    seen.add(key)
-    unique.append(p)
+    if key not in seen:
+      seen.add(key)
+      unique.append(p)
   stem = lambda p: os.path.splitext(os.path.basename(p))[0]
   counts: Dict[str, int] = {}
   for p in unique:

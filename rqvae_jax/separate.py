@@ -299,7 +299,8 @@ def separate_files(files: Sequence[str], workdir: str, out: str, checkpoint='bes
         print(f"{head}; stems sum to the input within {r['residual_db']:.1f} dB "
               '(residual / input energy)')
   if failed:
-    print(f'Separated {len(done)} of {len(files)} files into {out}; {len(failed)} failed:',
+    print(f'Separated {len(done)} of {len(done) + len(failed)} files into {out}; '
+          f'{len(failed)} failed:',
           file=stream)
     for path, message in failed.items():
       print(f'  {path}: {message}', file=stream)
