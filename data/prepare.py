@@ -102,13 +102,21 @@ def _find(folder: str, stem: str) -> Optional[str]:
 
 def _read_slakh_original(folder: str, job: _Job) -> Tuple[Dict[str, np.ndarray], List[str]]:
   import yaml  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(folder, 'metadata.yaml')) as f:
-    meta = yaml.safe_load(f)
-  audio_dir = os.path.join(folder, meta.get('audio_dir') or 'stems')
+  # A corrupt metadata.yaml drops its track (a ValueError), not the whole prepare.
+  try:
+    with open(os.path.join(folder, 'metadata.yaml')) as f:
+      meta = yaml.safe_load(f)
+  except yaml.YAMLError as e:
+    raise ValueError(f'metadata.yaml unreadable ({" ".join(str(e).split())})') from e
+  if not isinstance(meta, dict) or not isinstance(meta.get('stems') or {}, dict):
+    raise ValueError('metadata.yaml is not a Slakh2100 metadata file (expected a mapping '
+                     'with a "stems" mapping)')
+  audio_dir = os.path.join(folder, str(meta.get('audio_dir') or 'stems'))
   sums: Dict[str, np.ndarray] = {}
   notes, used = [], []
-  for sid, stem_meta in sorted((meta.get('stems') or {}).items()):
-    stem_meta = stem_meta or {}
+  for sid, stem_meta in sorted((meta.get('stems') or {}).items(), key=lambda kv: str(kv[0])):
+    stem_meta = stem_meta if isinstance(stem_meta, dict) else {}
+    sid = str(sid)
     target = 'drums' if stem_meta.get('is_drum') else SLAKH_CLASSES.get(
         stem_meta.get('inst_class'))
     if target not in job.stems or stem_meta.get('audio_rendered') is False:

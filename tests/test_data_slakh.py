@@ -207,3 +207,27 @@ def test_missing_stems_as_silence(tmp_path):
   assert status['Track00008'][0] == 'dropped'
   guitar, _ = sf.read(str(tmp_path / 'dst' / 'train' / 'Track00002' / 'guitar.wav'))
   assert guitar.shape == (SR,) and not guitar.any()
+
+
+def test_prepare_survives_a_corrupt_metadata_yaml_with_workers_and_overwrite(tmp_path):
+  """One original-layout track with a broken metadata.yaml is dropped with the reason; the
+  others are written by a process pool; --overwrite writes them again."""
+  src, dst = tmp_path / 'src', str(tmp_path / 'dst')
+  for name in ('Track00001', 'Track00002'):
+    write_track(str(src / 'train' / name))
+  for name, text in (('Track00003', 'stems: [unclosed\n  - x: {'), ('Track00004', '- a list\n')):
+    os.makedirs(src / 'train' / name / 'stems')
+    (src / 'train' / name / 'metadata.yaml').write_text(text)
+  report = prepare_lib.prepare(str(src), dst, small_config(), workers=2, verbose=False)
+  status = {os.path.basename(s): (st, msg) for s, st, msg in report.results}
+  assert [status[n][0] for n in sorted(status)] == ['written', 'written', 'dropped', 'dropped']
+  assert status['Track00003'][1].startswith('metadata.yaml unreadable')
+  assert 'not a Slakh2100 metadata file' in status['Track00004'][1]
+  folder = os.path.join(dst, 'train', 'Track00001')
+  inode = os.stat(folder).st_ino
+  again = prepare_lib.prepare(str(src), dst, small_config(), workers=2, verbose=False)
+  assert [st for _, st, _ in again.results][:2] == ['existing', 'existing']
+  again = prepare_lib.prepare(str(src), dst, small_config(), workers=2, overwrite=True,
+                              verbose=False)
+  assert [st for _, st, _ in again.results][:2] == ['written', 'written']
+  assert os.stat(folder).st_ino != inode          # a new folder renamed into place
