@@ -36,19 +36,47 @@ def test_round_trip_restores_rate_channels_length(tmp_path):
 
 def test_save_at_a_plain_rate_and_channel_count(tmp_path):
   out = str(tmp_path / 'x.wav')
-  audio.save_audio(out, np.full(100, 2.0, np.float32), 22050, channels=3)
-  back, rate = sf.read(out, always_2d=True)
+  loud = np.array([2.0, -2.0, 1.5, 0.5] * 25, np.float32)
+  audio.save_audio(out, loud, 22050, channels=3)
+  back, rate = sf.read(out, dtype='int16', always_2d=True)
   assert rate == 22050 and back.shape == (100, 3)
-  assert back.max() <= 1.0  # clipped, not wrapped
-  audio.save_audio(out, np.full(100, 2.0, np.float32), 22050, subtype='FLOAT')
-  assert sf.read(out)[0].max() == 2.0
+  # Clipped to full scale, not wrapped around; in-range samples untouched.
+  np.testing.assert_array_equal(back[:4, 0], [32767, -32768, 32767, 16384])
+  np.testing.assert_array_equal(back[:, 0], back[:, 2])
+  audio.save_audio(out, loud, 22050, subtype='FLOAT')
+  np.testing.assert_array_equal(sf.read(out, dtype='float32')[0], loud)
+
+
+def test_ogg_output_is_vorbis_at_the_file_rate(tmp_path):
+  out = str(tmp_path / 'x.ogg')
+  t = np.arange(22050) / 22050
+  audio.save_audio(out, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 22050,
+                   channels=2, subtype='PCM_24')                     # ignored for OGG
+  info = sf.info(out)
+  assert (info.format, info.subtype, info.samplerate, info.channels) == ('OGG', 'VORBIS',
+                                                                         22050, 2)
+  back = sf.read(out, dtype='float32')[0][:, 0]
+  spectrum = np.abs(np.fft.rfft(back))
+  assert abs(np.argmax(spectrum) * 22050 / len(back) - 440) < 2      # lossy, same tone
 
 
 def test_resample_lengths():
   x = np.random.default_rng(0).standard_normal(22050).astype(np.float32)
-  assert audio.resample(x, 22050, 22050) is not None
+  np.testing.assert_array_equal(audio.resample(x, 22050, 22050), x)   # same rate: untouched
   assert audio.resample(x, 22050, 44100).shape == (44100,)
   assert audio.resample(np.stack([x, x], 1), 22050, 16000).shape == (16000, 2)
+  tone = np.sin(2 * np.pi * 1000 * np.arange(2205) / 22050).astype(np.float32)
+  up = audio.resample(tone, 22050, 44100)                    # a band-limited signal's samples
+  np.testing.assert_allclose(up[200:4000:2], tone[100:2000], atol=1e-3)   # survive, in place
+
+
+def test_a_file_at_the_model_rate_loads_unchanged(tmp_path):
+  path = str(tmp_path / 'model_rate.wav')
+  x = (np.random.default_rng(3).integers(-2000, 2000, 5000) / 32768).astype(np.float32)
+  sf.write(path, x, 22050, subtype='PCM_16')
+  mono, info = audio.load_audio(path, 22050)
+  np.testing.assert_array_equal(mono, x)
+  assert (info.sample_rate, info.model_rate, info.channels) == (22050, 22050, 1)
 
 
 def test_nan_file_is_rejected(tmp_path):

@@ -61,9 +61,18 @@ def test_smoke_apply_updates_collections_under_jit(smoke):
   frames = 2 * model_lib.latent_length(SMOKE_N, cfg)
   # usage <- decay * (0 + counts): each stage assigned every frame once.
   np.testing.assert_allclose(np.sum(usage, axis=1), cfg.quantizer.usage_decay * frames, rtol=1e-5)
-  # Eval mode is deterministic and leaves the statistics alone.
-  a = model.apply(variables, x, train=False)[0]
-  b = model.apply(variables, x[..., None], train=False)[0]
+  # Eval mode is deterministic (no dropout, running statistics) and leaves the statistics
+  # alone, even when the collections are mutable; (B, N, 1) input is the same as (B, N).
+  eval_fn = jax.jit(lambda v, x: model.apply(v, x, train=False,
+                                             mutable=['batch_stats', 'codebook_stats'])[::-1])
+  unchanged, (a, _) = eval_fn(variables, x)
+  _, (again, _) = eval_fn(variables, x)
+  np.testing.assert_array_equal(a, again)
+  for name in ('batch_stats', 'codebook_stats'):
+    for u, v in zip(jax.tree_util.tree_leaves(unchanged[name]),
+                    jax.tree_util.tree_leaves(variables[name])):
+      np.testing.assert_array_equal(u, v)
+  b = eval_fn(variables, x[..., None])[1][0]
   np.testing.assert_allclose(a, b, atol=1e-6)
 
 

@@ -74,25 +74,29 @@ def test_resample_stream_equals_whole_resampling():
   assert audio.resample_stream is not None and len(got) == 25001
 
 
-def test_separate_file_streams_the_whole_file_path(tmp_path):
+@pytest.mark.parametrize('rate,channels', [(44100, 2), (48000, 5), (22050, 1)])
+def test_separate_file_streams_the_whole_file_path(tmp_path, rate, channels):
   """The streamed stems are what the whole-array path gives: each channel resampled to the
-  model rate, overlap-added, resampled back and trimmed to the file's length."""
-  path = _write(tmp_path / 'song.wav', 3.3, rate=44100, channels=2)
+  model rate, overlap-added, resampled back and trimmed to the file's length (stereo, five
+  channels at 48 kHz, mono at the model's own rate)."""
+  path = _write(tmp_path / 'song.wav', 3.3, rate=rate, channels=channels)
   sep = _fake()
   report = separate.separate_file(sep, path, str(tmp_path / 'out'), STEMS,
                                   show_progress=False, block_frames=5000)
   x, _ = sf.read(path, dtype='float32', always_2d=True)
   inf = sep.config.inference
   fn = lambda b: sep.separate_chunks(b)[0]
-  for c in range(2):
-    mono = audio.resample(x[:, c], 44100, 22050)
+  for c in range(channels):
+    mono = audio.resample(x[:, c], rate, 22050)
     stems = chunking.overlap_add(fn, mono, sep.chunk, inf.overlap, inf.batch_size)
-    back = audio.resample(stems, 22050, 44100)[:len(x)]
+    back = audio.resample(stems, 22050, rate)[:len(x)]
     for s, name in enumerate(STEMS):
-      got = sf.read(str(tmp_path / 'out' / 'song' / f'{name}.wav'), dtype='float32')[0]
-      assert got.shape == x.shape
+      got, got_rate = sf.read(str(tmp_path / 'out' / 'song' / f'{name}.wav'), dtype='float32',
+                              always_2d=True)
+      assert got.shape == x.shape and got_rate == rate
       np.testing.assert_allclose(got[:len(back), c], back[:, s], atol=2e-6)
-  assert report['channels'] == 2 and report['frames'] == len(x) and not report['silent']
+  assert report['channels'] == channels and report['frames'] == len(x)
+  assert not report['silent']
   assert report['residual_db'] < -40          # the stand-in's stems sum to its input
   assert not [f for f in os.listdir(tmp_path / 'out') if f.startswith('.')]
 

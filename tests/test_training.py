@@ -147,7 +147,11 @@ def test_resume_matches_uninterrupted_run(tmp_path, smoke_run):
   # TensorBoard events and the config are in the workdir; the best checkpoint exists.
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(full))
   assert json.load(open(full / 'config.json'))['variant'] == 'smoke'
-  assert ckpt_lib.Checkpointer(str(full)).resolve('best')[1] in (2, 4)
+  # best/ holds the step with the highest validation SI-SDRi of the run's history.
+  history = [json.loads(line) for line in open(full / validation.VAL_HISTORY)]
+  assert [h['step'] for h in history] == [2, 4]
+  best = max(history, key=lambda h: h['val/sisdri_mean'])['step']
+  assert ckpt_lib.Checkpointer(str(full)).resolve('best')[1] == best
 
 
 def test_config_mismatch_names_fields(tmp_path):
@@ -436,3 +440,27 @@ def test_unfinished_save_folders_are_removed_when_training_starts(tmp_path):
   assert len(os.listdir(w / 'checkpoints')) == 3
   ckpt_lib.Checkpointer(str(w), cleanup=True).close()
   assert os.listdir(w / 'checkpoints') == ['1'] and os.listdir(w / 'best') == []
+
+
+def test_checkpointer_resolve_fallbacks(tmp_path):
+  """'best' falls back to the latest state before any validation; a step is looked up in
+  checkpoints/ then best/; what is missing is a clear error listing what exists."""
+  ck = ckpt_lib.Checkpointer(str(tmp_path / 'w'), keep=1)
+  state = {'x': jnp.zeros(3)}
+  for which in ('best', 'latest'):
+    with pytest.raises(FileNotFoundError, match='has no checkpoint yet'):
+      ck.resolve(which)
+  ck.save(2, state, {'step': 2})
+  ck.wait()
+  assert ck.resolve('best') == (ck.latest, 2)            # no validation yet: the latest
+  ck.save_if_best(2, state, {'step': 2}, 3.0)
+  ck.wait()
+  ck.save(4, {'x': jnp.ones(3)}, {'step': 4})
+  ck.save_if_best(4, {'x': jnp.ones(3)}, {'step': 4}, 1.0)      # worse: best stays at 2
+  ck.wait()
+  assert ck.resolve('best') == (ck.best, 2) and ck.resolve('latest') == (ck.latest, 4)
+  assert ck.resolve(2) == (ck.best, 2) and ck.resolve('4') == (ck.latest, 4)   # keep=1
+  np.testing.assert_array_equal(ck.restore(2, state)[0]['x'], np.zeros(3))
+  with pytest.raises(FileNotFoundError, match=r'No checkpoint at step 3 .*available: \[2, 4\]'):
+    ck.resolve(3)
+  ck.close()
