@@ -1,4 +1,5 @@
 """Scan and prepare of the Slakh2100 layout, on small trees written here."""
+import json
 import os
 import subprocess
 import sys
@@ -176,9 +177,12 @@ def test_cli_scan_and_prepare(tmp_path):
   run = lambda *args: subprocess.run([sys.executable, '-m', *args], capture_output=True,
                                      text=True, cwd=repo, check=False)
   out = run('data.slakh', 'scan', src, '--split', 'train', '--config', 'smoke',
-            '--min-seconds', '0.5')
+            '--min-seconds', '0.5', '--json')
   assert out.returncode == 0, out.stderr
   assert 'dropped Track00006: guitar.wav truncated' in out.stdout
+  listing = json.loads(out.stdout.strip().splitlines()[-1])
+  assert [(os.path.basename(t['path']), t['num_frames'], t['sample_rate'])
+          for t in listing['train']] == [('Track00001', SR, SR)]
   out = run('data.slakh', 'scan', src, '--split', 'train', '--config', 'smoke')
   assert out.returncode == 1 and 'No usable tracks' in out.stdout  # all shorter than 12 s
   dst = str(tmp_path / 'dst')

@@ -187,6 +187,25 @@ def test_train_cli_rejects_unknown_override(tmp_path):
   assert 'learning_rate' in out.stderr
 
 
+def test_train_cli_trains_then_refuses_a_changed_resume_in_one_line(smoke_run, tmp_path):
+  """python train.py end to end (the smoke run's programs: compiled once, cached), then the
+  same command with another data.sample_rate: one error line naming the field, exit 1."""
+  cfg, _ = smoke_run
+  workdir = tmp_path / 'w'
+  command = [sys.executable, 'train.py', '--config', 'configs/rqvae.py:smoke',
+             '--workdir', str(workdir), '--config.num_train_steps=2',
+             f'--config.data.synthetic.cache_dir={cfg.data.synthetic.cache_dir}']
+  out = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert ckpt_lib.Checkpointer(str(workdir)).latest_step() == 2
+  assert ckpt_lib.load_config(str(workdir)).num_train_steps == 2
+  out = subprocess.run(command + ['--config.data.sample_rate=44100'], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 1 and 'Traceback' not in out.stderr
+  assert 'data.sample_rate: checkpoint has 22050, config has 44100' in out.stderr
+  assert ckpt_lib.load_config(str(workdir)).data.sample_rate == 22050
+
+
 _TWO_DEVICES = r'''
 import functools, json, sys
 import jax, jax.numpy as jnp, numpy as np
