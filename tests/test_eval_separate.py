@@ -340,9 +340,9 @@ def test_metrics_json_is_replaced_atomically(smoke_run, tmp_path, monkeypatch):
 
 
 def test_separate_cli_skips_bad_files_and_keeps_same_named_songs_apart(smoke_run, tmp_path):
-  """One call with good, same-named, truncated, missing and folder inputs: the good ones are
-  separated into distinct folders, each bad one costs one line (no traceback), and the
-  command ends with a summary and exit status 1."""
+  """One call with good, same-named, truncated, missing and folder inputs (and the --overlap,
+  --batch_size, --in_flight flags): the good ones are separated into distinct folders, each
+  bad one costs one line (no traceback), and the command ends with a summary and exit 1."""
   _, workdir = smoke_run
   rate = 32000
   t = np.arange(int(1.5 * rate)) / rate
@@ -355,10 +355,14 @@ def test_separate_cli_skips_bad_files_and_keeps_same_named_songs_apart(smoke_run
   inputs = ['cut.wav', 'song.wav', 'missing.ogg', 'folder', 'song.flac']
   out = subprocess.run([sys.executable, '-m', 'rqvae_jax.separate', '--workdir', workdir,
                         '--checkpoint', 'latest', '--out', str(tmp_path / 'sep'),
+                        '--overlap', '0.25', '--batch_size', '3', '--in_flight', '1',
                         *[str(tmp_path / f) for f in inputs]],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 1, out.stderr[-3000:]
   assert 'Traceback' not in out.stderr
+  # --overlap 0.25: 33 075 frames at the model's rate in chunks of 10 000 every 7 500 are 5
+  # chunks per channel (6 with the config's 0.5).
+  assert '| 10/10 [' in out.stderr and '| 5/5 [' in out.stderr
   errors = [line for line in out.stderr.splitlines() if line.startswith('error: ')]
   assert [e.split(':')[1].strip() for e in errors] == [
       str(tmp_path / f) for f in ('cut.wav', 'missing.ogg', 'folder')]
