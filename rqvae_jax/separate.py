@@ -154,12 +154,12 @@ def _write_stems(separator, path: str, info: audio_lib.AudioInfo, folder: str,
   energy, residual, written = 0.0, 0.0, 0
   silent = info.peak is not None and info.peak <= SILENCE_PEAK
   fifo = _Fifo(c)
+  if silent:            # the model's biases would make about -30 dBFS of near-zero input
+    parts = (np.zeros((min(block_frames, n - i), len(stems), c), np.float32)
+             for i in range(0, n, block_frames))
+  else:
+    parts = _stem_blocks(separator, path, info, fifo, len(stems), block_frames, progress)
   try:
-    if silent:          # the model's biases would make about -30 dBFS of near-zero input
-      parts = (np.zeros((min(block_frames, n - i), len(stems), c), np.float32)
-               for i in range(0, n, block_frames))
-    else:
-      parts = _stem_blocks(separator, path, info, fifo, len(stems), block_frames, progress)
     for part in parts:
       part = part[:n - written]
       if not len(part):
@@ -187,6 +187,7 @@ def _write_stems(separator, path: str, info: audio_lib.AudioInfo, folder: str,
       for w in writers:
         w.write(np.zeros((pad, c), np.float32))
   finally:
+    parts.close()         # stops the worker threads of a separation cut short by an error
     for w in writers:
       w.close()
   if silent:
