@@ -272,12 +272,19 @@ def main(argv=None):
   parser.add_argument('--overwrite', action='store_true')
   parser.add_argument('--fill-missing', action='store_true',
                       help='write silence for a missing stem file instead of dropping')
+  parser.add_argument('--verbose', action='store_true', help='tracebacks with errors')
   slakh.add_data_config_arguments(parser)
   args = parser.parse_args(argv)
   data_config = slakh.data_config_from_args(args)
   splits = tuple(s.strip() for s in args.splits.split(',') if s.strip())
-  report = prepare(args.src, args.dst, data_config, splits=splits, workers=args.workers,
-                   overwrite=args.overwrite, fill_missing=args.fill_missing)
+  try:
+    report = prepare(args.src, args.dst, data_config, splits=splits, workers=args.workers,
+                     overwrite=args.overwrite, fill_missing=args.fill_missing)
+  except (ValueError, OSError) as e:      # a wrong SRC or DST: the sentence, not a traceback
+    if args.verbose:
+      raise
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   ok = True
   for split in splits:
     if not os.path.isdir(os.path.join(report.dst, split)):

@@ -190,6 +190,9 @@ def test_cli_scan_and_prepare(tmp_path):
             '--splits', 'train', '--workers', '1')
   assert out.returncode == 0, out.stderr
   assert '5 tracks kept' in out.stdout and '0 dropped' in out.stdout
+  out = run('data.prepare', str(tmp_path / 'nothing'), dst, '--config', 'smoke')
+  assert out.returncode == 1 and 'Traceback' not in out.stderr
+  assert out.stderr.startswith(f"error: Source folder {tmp_path / 'nothing'} does not exist")
 
 
 def test_missing_stems_as_silence(tmp_path):
