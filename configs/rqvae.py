@@ -41,6 +41,10 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   m.torch_init = True
   m.skip_mode = 'add'                      # 'add' (paper) or 'gated' by the decoder's state
   m.output_kernel = 0                      # output layer taps; 0 = the first encoder kernel
+  # 'waveform': the paper's transposed-conv decoder; 'mask': per-stem softmax masks on the
+  # mixture's STFT, one frame per latent frame (rqvae_jax/mask_head.py, README: Demo).
+  m.output_head = 'waveform'
+  m.mask_fft = 800                         # mask head STFT size: an even multiple of the hop 200
   # Audio normalisation: model sees (stem - offset) / scale per stem. The original z-scores
   # int16-scale samples with mean 122.759 and std 2359.9309; on float audio in [-1, 1] that
   # is offset 122.759 / 32768 and scale 2359.9309 / 32768.

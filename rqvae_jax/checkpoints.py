@@ -64,6 +64,7 @@ ABSENT_MEANS = {
     ('model', 'torch_init'): False,     # Dense layers had Flax's init before the field
     ('model', 'skip_mode'): 'add',      # skips were plain sums before the field
     ('model', 'output_kernel'): 0,      # the output layer mirrored the first kernel
+    ('model', 'output_head'): 'waveform',  # every model was a waveform decoder before the field
     ('loss', 'stft_weight'): 0.0,       # no STFT term before the field
 }
 

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from rqvae_jax import blocks
+from rqvae_jax import mask_head
 from rqvae_jax.lstm import BiLSTM
+from rqvae_jax.mask_head import MaskDecoder
 from rqvae_jax.quantizer import ResidualVQ
 
 
@@ -54,7 +56,18 @@ def is_valid_length(num_samples: int, model_config) -> bool:
     if blocks.conv_transpose_out_length(lengths[-1], k, s, model_config.padding) != target:
       return False
     lengths.append(target)
+  if output_head(model_config) == 'mask':     # STFT frames must coincide with latent frames
+    hop = mask_head.hop_length(model_config)
+    return num_samples % hop == 0 and lengths[len(model_config.kernels)] == num_samples // hop
   return True
+
+
+def output_head(model_config) -> str:
+  """'waveform' (the paper's transposed-conv decoder) or 'mask' (rqvae_jax.mask_head)."""
+  head = model_config.get('output_head', 'waveform')
+  if head not in ('waveform', 'mask'):
+    raise ValueError(f"model.output_head must be 'waveform' or 'mask', got {head!r}.")
+  return head
 
 
 def next_valid_length(num_samples: int, model_config) -> int:
@@ -95,6 +108,10 @@ def _conv_block(c, channels: int, kernel: int, stride: int, *, transposed: bool,
                           leading_norm=leading_norm, dropout=c.dropout, prelu_init=c.prelu_init,
                           bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon,
                           dtype=jnp.dtype(c.dtype), name=name)
+
+
+def _mono(mixture):
+  return mixture[..., 0] if mixture.ndim == 3 else mixture
 
 
 class Encoder(nn.Module):
@@ -176,7 +193,14 @@ class RQVAE(nn.Module):
     self.quantizer = ResidualVQ(c.quantizer.num_quantizers, c.quantizer.codebook_size,
                                 c.channels[-1], c.quantizer.usage_decay,
                                 c.quantizer.distance_dtype)
-    self.decoder = Decoder(c)
+    self.decoder = MaskDecoder(c) if output_head(c) == 'mask' else Decoder(c)
+
+  def _decode(self, z, skips, mixture, train: bool):
+    """Stems on the raw scale from the decoder's latent input and the skips (or, for the
+    mask head, the mixture whose spectrogram is masked; `skips` None = no spectral skip)."""
+    if output_head(self.config) == 'mask':
+      return self.decoder(z, _mono(mixture), skips is not None, train)
+    return denormalize(self.decoder(z, skips, train), self.config)
 
   def _prepare(self, mixture):
     check_mixture(mixture, self.config)
@@ -193,8 +217,8 @@ class RQVAE(nn.Module):
   def __call__(self, mixture, train: bool = False) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     z_e, skips = self.encode_frames(mixture, train)
     z_q, aux = self.quantizer(z_e, train)
-    out = self.decoder(z_q, skips if self.config.skip_connections else None, train)
-    return denormalize(out, self.config), aux
+    return self._decode(z_q, skips if self.config.skip_connections else None, mixture,
+                        train), aux
 
   def forward_path(self, mixture, path: str = 'full') -> jax.Array:
     """Stems (eval mode) with one path of the model cut, to see where separation comes from.
@@ -212,12 +236,13 @@ class RQVAE(nn.Module):
       z, s = z_e, skips
     elif path == 'skips_only':
       z, s = jnp.zeros_like(z_q), skips
-    elif path == 'codes_only':
-      z, s = z_q, [jnp.zeros_like(x) for x in skips]
+    elif path == 'codes_only':   # the mask head's spectral skip is dropped, not zeroed
+      z, s = z_q, None if output_head(self.config) == 'mask' else [jnp.zeros_like(x)
+                                                                   for x in skips]
     else:
       raise ValueError(f"path must be 'full', 'unquantized', 'skips_only' or 'codes_only', "
                        f'got {path!r}.')
-    return denormalize(self.decoder(z, s if use_skips else None, False), self.config)
+    return self._decode(z, s if use_skips and s is not None else None, mixture, False)
 
   def encode(self, mixture) -> jax.Array:
     """Codes (B, T, Q) int32 of a mixture (eval mode)."""
@@ -232,6 +257,10 @@ class RQVAE(nn.Module):
     the quantized path's contribution only, not the full separation (pass the skips from
     `encode_frames` to reproduce `__call__`). With skips off, codes are the whole story.
     """
+    if output_head(self.config) == 'mask':
+      raise ValueError('A mask-head model (model.output_head = \'mask\') masks the mixture\'s '
+                       'spectrogram: codes alone cannot be decoded; call the model on the '
+                       'mixture, or use a waveform-head config for a codec.')
     z_q = self.quantizer.lookup(codes)
     if self.config.skip_connections and skips is None:
       length = codes.shape[1]
