@@ -197,3 +197,25 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
   monkeypatch.setattr(synthetic, '_write_track', real)
   root = synthetic.ensure_synthetic(d)
   assert len(slakh.scan(root, 'train', d, verbose=False).kept) == 4
+
+
+def test_cli_generates_prints_the_root_and_reuses_it(tmp_path, capsys):
+  """`python -m data.synthetic`: the flags reach the generator, the printed root holds the
+  requested tracks, and a second call returns the same root without writing anything."""
+  argv = ['--config', 'smoke', '--num-train', '2', '--num-validation', '1', '--num-test', '1',
+          '--min-seconds', '2', '--max-seconds', '2.5', '--seed', '3', '--workers', '1',
+          '--cache-dir', str(tmp_path)]
+  synthetic.main(argv)
+  root = capsys.readouterr().out.strip().splitlines()[-1]
+  assert root.startswith(str(tmp_path)) and os.path.isdir(root)
+  d = config(tmp_path, seed=3)
+  for split, count in (('train', 2), ('validation', 1), ('test', 1)):
+    kept = slakh.scan(root, split, d, verbose=False).kept
+    assert len(kept) == count
+  meta = json.load(open(os.path.join(root, 'synthetic.json')))
+  assert meta['seed'] == 3
+  seconds = sf.info(os.path.join(root, 'train', 'Track00001', 'piano.wav')).duration
+  assert 2.0 <= seconds <= 2.5 + 1e-3
+  before = _digest(root)
+  synthetic.main(argv)
+  assert capsys.readouterr().out.strip().splitlines()[-1] == root and _digest(root) == before
