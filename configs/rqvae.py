@@ -169,6 +169,7 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
     # 1 s x 8 (600 steps) and 1.5 s x 6 in the same time (README: Demo).
     m.channels = (16, 32, 64, 128, 128)
     m.dropout = 0.0
+    m.output_head = 'mask'                 # waveform decoder: +0.14 dB over all-zero in 500 steps
     o.lr = 2e-3
     o.decay = 'cosine'                     # to 0.1 x lr at the last step; no plateau halving
     o.final_lr_fraction = 0.1              # (16 validation windows are too noisy to drive it)
@@ -182,7 +183,7 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
     i.chunk_samples = 44000
     i.batch_size = 16
     c.batch_size = 6
-    c.num_train_steps = 500
+    c.num_train_steps = 1100
     c.eval_every_steps = 250
     c.num_eval_batches = 3                 # 18 windows
     c.checkpoint_every_steps = 250
@@ -190,9 +191,9 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
     if variant == 'cpu_hour':
       # The demo's recipe for about an hour of this 2-core CPU (README: Demo), validated on
       # 48 windows every 250 steps for the curve in workdir/val_sisdri.png.
-      c.num_train_steps = 2000
+      c.num_train_steps = 3000
       c.eval_every_steps = 250
-      c.checkpoint_every_steps = 250
+      c.checkpoint_every_steps = 500
       c.num_eval_batches = 8
   elif variant == 'smoke':
     m.channels = (4, 8, 8, 16, 16)
