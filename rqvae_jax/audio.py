@@ -117,6 +117,11 @@ def check_path(path: str) -> str:
       raise ValueError(f'Audio file {path} is {problem}; re-download or re-export it.'
                        if problem.startswith('truncated') else
                        f'Audio file {path}: {problem}; re-export it as WAV or FLAC.')
+  elif os.path.splitext(path)[1].lower() in NEEDS_FFMPEG:
+    try:                                # named like AAC: refused now, unless it decodes
+      sf.info(path)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+      raise _read_error(path, e) from e
   return path
 
 
@@ -138,9 +143,18 @@ def sample_problem(block: np.ndarray, first_frame: int = 0) -> Optional[str]:
   return None
 
 
+# Formats libsndfile does not decode (containers of AAC, ALAC, WMA...): ffmpeg converts them.
+NEEDS_FFMPEG = ('.m4a', '.aac', '.mp4', '.m4b', '.alac', '.wma', '.webm', '.mkv', '.ac3')
+
+
 def _read_error(path: str, e: Exception) -> ValueError:
-  return ValueError(f'Cannot read audio file {path}: {e}. Expected a WAV, FLAC or OGG file '
-                    'that libsndfile (soundfile) can decode.')
+  ext = os.path.splitext(path)[1].lower()
+  if ext in NEEDS_FFMPEG:
+    return ValueError(f'Cannot read audio file {path}: libsndfile does not decode {ext} '
+                      f'(AAC/ALAC/WMA); convert it with ffmpeg first, e.g. `ffmpeg -i {path} '
+                      f'{os.path.splitext(path)[0]}.flac`.')
+  return ValueError(f'Cannot read audio file {path}: {e}. Expected a file that libsndfile '
+                    '(soundfile) decodes: WAV, FLAC, OGG/Vorbis, Opus, MP3, AIFF, ...')
 
 
 def read_blocks(path: str, block_frames: int = BLOCK_FRAMES) -> Iterator[np.ndarray]:

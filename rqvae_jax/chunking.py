@@ -10,10 +10,12 @@ as soon as no later chunk can change them, so a song of any length is separated 
 bounded by the chunk, the batch and the number of batches in flight. Every channel is cut at
 the same starts and its chunks share batches with the other channels' (a stereo song fills
 batches twice as fast). `overlap_add` is the same on one whole mono array (evaluation).
+`shifted_mean` averages such streams over delayed copies of the input (--shifts).
 """
 import collections
 import concurrent.futures
-from typing import Callable, Iterable, Iterator, Optional
+import itertools
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -183,3 +185,74 @@ def overlap_add(separate_fn: Callable[..., np.ndarray], mixture: np.ndarray, chu
   if not parts:
     return np.zeros((0, 0), np.float32)
   return np.concatenate(parts)[:, :, 0]
+
+
+def _delayed(blocks: Iterable[np.ndarray], delay: int, channels: int) -> Iterator[np.ndarray]:
+  if delay:
+    yield np.zeros((delay, channels), np.float32)
+  yield from blocks
+
+
+def _advanced(parts: Iterator[np.ndarray], delay: int) -> Iterator[np.ndarray]:
+  """The stream without its first `delay` frames (closing it closes `parts`, so the worker
+  threads of a separation cut short stop at once)."""
+  try:
+    for part in parts:
+      if delay >= len(part):
+        delay -= len(part)
+        continue
+      yield part[delay:]
+      delay = 0
+  finally:
+    if hasattr(parts, 'close'):
+      parts.close()
+
+
+def _mean_in_step(streams: List[Iterator[np.ndarray]]) -> Iterator[np.ndarray]:
+  """Frame-wise mean of equally long streams whose blocks differ in size; pulls the stream
+  that is furthest behind, so the others' buffers (and the tee'd input) stay short."""
+  buffers = [collections.deque() for _ in streams]
+  lengths = [0] * len(streams)
+  live = [True] * len(streams)
+  try:
+    while any(live):
+      i = min((k for k in range(len(streams)) if live[k]), key=lambda k: lengths[k])
+      part = next(streams[i], None)
+      if part is None:
+        live[i] = False
+      elif len(part):
+        buffers[i].append(part)
+        lengths[i] += len(part)
+      ready = min(lengths)
+      if ready:
+        heads = []
+        for k, buffer in enumerate(buffers):
+          head = np.concatenate(list(buffer))
+          buffer.clear()
+          if len(head) > ready:
+            buffer.append(head[ready:])
+          lengths[k] -= ready
+          heads.append(head[:ready])
+        yield np.mean(heads, axis=0, dtype=np.float64).astype(np.float32)
+  finally:
+    for stream in streams:
+      if hasattr(stream, 'close'):
+        stream.close()
+
+
+def shifted_mean(separate_stream: Callable[[Iterable[np.ndarray]], Iterator[np.ndarray]],
+                 blocks: Iterable[np.ndarray], delays: Sequence[int], channels: int
+                 ) -> Iterator[np.ndarray]:
+  """The mean over `delays` of separate_stream(the blocks delayed by d samples), each result
+  advanced back by d: Demucs' shift trick on a stream, in bounded memory.
+
+  A delay moves every chunk boundary and cross-fade, so the mean smooths what the model
+  makes of where a sound falls in its chunk. One delay of 0 is separate_stream(blocks).
+  """
+  if list(delays) == [0]:
+    yield from separate_stream(blocks)
+    return
+  copies = itertools.tee(blocks, len(delays))
+  streams = [_advanced(separate_stream(_delayed(copy, d, channels)), d)
+             for copy, d in zip(copies, delays)]
+  yield from _mean_in_step(streams)

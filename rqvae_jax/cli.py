@@ -1,15 +1,24 @@
-"""What the command lines share: one-line errors, output folder checks, output names.
+"""What the command lines share: one-line errors, output folder checks, output names, and
+one flag spelling.
 
 A user who passes a wrong path or a stale workdir needs the sentence that names the problem
 and the fix, not forty lines of traceback ending in it; `run_guarded` prints that sentence
 (and the traceback only with --verbose, for bug reports). The checks here run before any
 model is restored, so a mistake costs seconds, not a whole separation.
+
+Flag spelling, one rule for every command: flags are written with dashes (--batch-size,
+--allow-changed, --num-train) and the underscore spelling (--batch_size) is accepted too.
+absl names flags with underscores and argparse with dashes, so each command's argv is
+rewritten to its parser's spelling first (`argparse_argv`). Config fields keep
+the config's own spelling: --config.optim.plateau_min_delta.
 """
 import os
 import sys
 import tempfile
 import traceback
 from typing import Callable, Dict, List, Sequence, Tuple
+
+_CONFIG_FIELD = ('--config.', '-config.')
 
 # The errors this project raises with a message meant for the user (bad input, bad config,
 # missing files, full disks). Anything else is a bug and keeps its traceback.
@@ -89,3 +98,24 @@ def output_names(paths: Sequence[str]) -> Tuple[List[Tuple[str, str]], Dict[str,
     taken[name] = p
     named.append((p, name))
   return named, errors
+
+
+def _respell(argv: Sequence[str], old: str, new: str) -> List[str]:
+  """argv with `old` replaced by `new` in flag names (not values, not config fields, nothing
+  after a bare --)."""
+  out, done = [], False
+  for arg in argv:
+    if done or not arg.startswith('-') or arg.startswith(_CONFIG_FIELD) or len(arg) < 2 or (
+        not arg.lstrip('-')[:1].isalpha()):
+      done = done or arg == '--'
+      out.append(arg)
+      continue
+    dashes = len(arg) - len(arg.lstrip('-'))
+    name, eq, value = arg[dashes:].partition('=')
+    out.append(arg[:dashes] + name.replace(old, new) + eq + value)
+  return out
+
+
+def argparse_argv(argv: Sequence[str]) -> List[str]:
+  """argv (without the program name) for an argparse command: underscores in dashes."""
+  return _respell(argv, '_', '-')

@@ -1,19 +1,18 @@
 """Separates songs of any length, rate and channel count with a trained workdir.
 
-  python -m rqvae_jax.separate --workdir DIR song.wav [more.flac ...] --out separated/
+  rqvae-separate --workdir DIR song.mp3 [more.flac ...] [-o separated]
+  (python -m rqvae_jax.separate ... in a clone; the options: rqvae_jax/separate_cli.py)
 
-writes separated/<song>/{bass,drums,guitar,piano}.wav at the input's sample rate, length and
-channel count (each channel is separated on its own, so stereo stays stereo). A file is
-checked in one streaming pass (truncated WAV, NaN/inf or absurd samples: refused), then
-streamed: blocks are read, resampled to the model's rate with soxr's streaming resampler,
-cut into model-sized chunks that overlap by `inference.overlap`, batched on the device,
-cross-faded back (`rqvae_jax.chunking`), resampled back and written block by block, the
-residual (input - sum of stems) accumulated on the way. Peak memory does not depend on the
-song's length. Stems go to a hidden temporary folder renamed into place at the end, so a
-failed file leaves no half-written stems. A silent input gives silent stems.
-
-The command goes on past a bad file (one line of error), and exits non-zero at the end with
-a summary; errors are one clear line, with the traceback under --verbose.
+writes separated/<model>/<song>/{bass,drums,guitar,piano}.wav (16-bit by default) at the
+input's sample rate, length and channel count (each channel is separated on its own, so
+stereo stays stereo). A file is checked in one streaming pass (truncated WAV, NaN/inf or
+absurd samples: refused), then streamed: blocks are read, resampled to the model's rate with
+soxr's streaming resampler, cut into model-sized chunks that overlap by `inference.overlap`,
+batched on the device, cross-faded back (`rqvae_jax.chunking`), resampled back and written
+block by block, the residual (input - sum of stems) accumulated on the way. Peak memory does
+not depend on the song's length. Stems go to a hidden scratch folder as float32 and are
+moved into place (converted to the requested format, `rqvae_jax.stem_files`) once all are
+complete, so a failed file leaves no half-written stems. A silent input gives silent stems.
 """
 import collections
 import dataclasses
@@ -21,7 +20,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +30,9 @@ import numpy as np
 from rqvae_jax import audio as audio_lib
 from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import metrics as metrics_lib
+from rqvae_jax import stem_files
 from rqvae_jax.chunking import (chunk_starts, crossfade_window, hop_of,  # pylint: disable=unused-import
-                                overlap_add, overlap_add_stream)
+                                overlap_add, overlap_add_stream, shifted_mean)
 from rqvae_jax.model import RQVAE, is_valid_length, next_valid_length
 
 # A file whose peak is at most one 16-bit step (dither, or digital silence) is silent: its
@@ -127,30 +127,63 @@ class _Fifo:
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
+# --shifts: Demucs' shift trick. Each extra pass separates the song delayed by a random number
+# of samples up to MAX_SHIFT_SECONDS (zeros in front), which moves the chunk grid and its
+# cross-fades; the passes are averaged. Seeded, so the same song gives the same stems.
+MAX_SHIFT_SECONDS = 0.5
+SHIFT_SEED = 0
+
+
+def shift_delays(shifts: int, rate: int) -> List[int]:
+  """Delays in model samples of the `shifts` passes: 0, then seeded draws in [0, 0.5 s]."""
+  if shifts < 1:
+    raise ValueError(f'--shifts must be at least 1, got {shifts}.')
+  extra = np.random.default_rng(SHIFT_SEED).integers(
+      0, int(MAX_SHIFT_SECONDS * rate) + 1, size=shifts - 1)
+  return [0] + [int(d) for d in extra]
+
+
 def _stem_blocks(separator: 'Separator', path: str, info: audio_lib.AudioInfo, fifo: _Fifo,
-                 num_stems: int, block_frames: int, progress) -> Iterator[np.ndarray]:
+                 num_stems: int, block_frames: int, progress, delays: Sequence[int]
+                 ) -> Iterator[np.ndarray]:
   """Stems (n, S, C) at the file's rate, block by block, aligned with the file's frames
-  (read -> resample -> chunked separation -> resample back, every stage streaming)."""
+  (read -> resample -> chunked separation, averaged over `delays` -> resample back, every
+  stage streaming)."""
   rate, c = int(separator.config.data.sample_rate), info.channels
   inf = separator.config.inference
   blocks = fifo.tee(audio_lib.read_blocks(path, block_frames))
   model_in = audio_lib.resample_stream(blocks, info.sample_rate, rate, c)
-  stems = overlap_add_stream(lambda b: separator.separate_chunks(b)[0], model_in,
-                             separator.chunk, inf.overlap, inf.batch_size, progress,
-                             inf.in_flight)
+  separate_stream = lambda b: overlap_add_stream(
+      lambda x: separator.separate_chunks(x)[0], b, separator.chunk, inf.overlap,
+      inf.batch_size, progress, inf.in_flight)
+  stems = shifted_mean(separate_stream, model_in, delays, c)
   flat = (part.reshape(part.shape[0], num_stems * c) for part in stems)   # stem s, ch k: s*C+k
   for part in audio_lib.resample_stream(flat, rate, info.sample_rate, num_stems * c):
     yield part.reshape(part.shape[0], num_stems, c)
 
 
+def _merge(part: np.ndarray, stems: Sequence[str], fmt: stem_files.OutputFormat) -> np.ndarray:
+  """(n, S, C) -> the stems to write: all, or --two-stems' STEM and the sum of the others."""
+  if not fmt.two_stems:
+    return part
+  i = list(stems).index(fmt.two_stems)
+  rest = np.delete(part, i, axis=1).sum(axis=1)
+  return np.stack([part[:, i], rest], axis=1)
+
+
 def _write_stems(separator, path: str, info: audio_lib.AudioInfo, folder: str,
-                 stems: Sequence[str], block_frames: int, progress) -> Dict[str, float]:
-  """Streams the separation of `path` into stem files in `folder`; returns the report."""
+                 stems: Sequence[str], block_frames: int, progress,
+                 fmt: stem_files.OutputFormat, delays: Sequence[int]) -> Dict[str, object]:
+  """Streams the separation of `path` into float32 scratch files `folder`/<i>.wav (one per
+  output stem); returns the report with the scratch files and each one's peak."""
   import soundfile as sf
   c, n = info.channels, info.num_frames
-  fmt = 'RF64' if n * c * 4 > 0xFFFFFFF0 - 4096 else 'WAV'   # float WAV past 4 GiB: RF64
-  writers = [sf.SoundFile(os.path.join(folder, f'{s}.wav'), 'w', info.sample_rate, c,
-                          subtype='FLOAT', format=fmt) for s in stems]
+  names = fmt.stem_names(stems)
+  scratch = [os.path.join(folder, f'{i}.wav') for i in range(len(names))]
+  container = 'RF64' if n * c * 4 > 0xFFFFFFF0 - 4096 else 'WAV'   # float WAV past 4 GiB
+  writers = [sf.SoundFile(p, 'w', info.sample_rate, c, subtype='FLOAT', format=container)
+             for p in scratch]
+  peaks = np.zeros(len(names))
   energy, residual, written = 0.0, 0.0, 0
   silent = info.peak is not None and info.peak <= SILENCE_PEAK
   fifo = _Fifo(c)
@@ -158,7 +191,8 @@ def _write_stems(separator, path: str, info: audio_lib.AudioInfo, folder: str,
     parts = (np.zeros((min(block_frames, n - i), len(stems), c), np.float32)
              for i in range(0, n, block_frames))
   else:
-    parts = _stem_blocks(separator, path, info, fifo, len(stems), block_frames, progress)
+    parts = _stem_blocks(separator, path, info, fifo, len(stems), block_frames, progress,
+                         delays)
   try:
     for part in parts:
       part = part[:n - written]
@@ -176,6 +210,8 @@ def _write_stems(separator, path: str, info: audio_lib.AudioInfo, folder: str,
       x = fifo.pop(len(part)).astype(np.float64)
       energy += float(np.sum(x * x))
       residual += float(np.sum(np.square(x - part.astype(np.float64).sum(axis=1))))
+      part = _merge(part, stems, fmt)
+      peaks = np.maximum(peaks, np.abs(part).max(axis=(0, 2)))
       for s, w in enumerate(writers):
         w.write(part[:, s, :])
       written += len(part)
@@ -194,146 +230,81 @@ def _write_stems(separator, path: str, info: audio_lib.AudioInfo, folder: str,
     residual_db = None
   else:
     residual_db = float(10 * np.log10(max(residual, 1e-300) / max(energy, 1e-300)))
-  return {'silent': silent, 'residual_db': residual_db}
+  return {'silent': silent, 'residual_db': residual_db, 'scratch': scratch,
+          'peaks': [float(p) for p in peaks]}
 
 
 def separate_file(separator: 'Separator', path: str, out_dir: str, stems: Sequence[str],
                   show_progress: bool = True, folder_name: Optional[str] = None,
-                  block_frames: int = audio_lib.BLOCK_FRAMES) -> Dict[str, object]:
-  """Separates one file into out_dir/<folder_name>/<stem>.wav, streaming, in bounded memory.
+                  block_frames: int = audio_lib.BLOCK_FRAMES,
+                  fmt: Optional[stem_files.OutputFormat] = None, shifts: int = 1
+                  ) -> Dict[str, object]:
+  """Separates one file into out_dir/<fmt.filename>, streaming, in bounded memory.
 
-  `folder_name` defaults to the file's name without extension. An existing folder of that
-  name is replaced once the new stems are complete; on any error nothing is left behind.
+  With the default template the stems go to out_dir/<folder_name>/<stem>.<ext>;
+  `folder_name` (the template's {track}) defaults to the file's name without extension.
+  `fmt` defaults to `OutputFormat.exact()` (float32 WAV, the model's samples unchanged; the
+  command's default is 16-bit). Existing files of the same names are replaced once all the
+  new stems are complete; on any error nothing is left behind. `shifts` > 1 averages that
+  many passes over shifted chunk grids (MAX_SHIFT_SECONDS).
 
   Returns:
-    {'path', 'folder', 'frames', 'sample_rate', 'channels', 'peak', 'silent',
-     'residual_db'}: residual_db is 10 log10(sum (input - sum of stems)^2 / sum input^2),
-    None for a silent input (whose stems are written as silence).
+    {'path', 'folder', 'files', 'frames', 'sample_rate', 'channels', 'peak', 'silent',
+     'residual_db', 'encoded'}: residual_db is 10 log10(sum (input - sum of stems)^2 /
+    sum input^2) of the model's float stems, None for a silent input (whose stems are
+    written as silence); files maps each written stem to its path; encoded maps it to
+    {'gain', 'clipped'} (see `stem_files.finish`).
 
   Raises:
-    ValueError: a file that cannot be separated (see `audio.inspect_audio`), or NaN/inf
-      stems from the model.
+    ValueError: a file that cannot be separated (see `audio.inspect_audio`), NaN/inf stems
+      from the model, or an impossible output format.
   """
   from tqdm import tqdm
+  fmt = fmt or stem_files.OutputFormat.exact()
+  fmt.check(stems)
   info = audio_lib.inspect_audio(path, block_frames)
   rate = int(separator.config.data.sample_rate)
   inf = separator.config.inference
+  delays = shift_delays(shifts, rate)
   model_frames = int(np.floor(info.num_frames * rate / info.sample_rate + 0.5))
-  total = info.channels * len(chunk_starts(model_frames, separator.chunk,
-                                           hop_of(separator.chunk, inf.overlap)))
-  name = folder_name or os.path.splitext(os.path.basename(path))[0]
-  folder = os.path.join(out_dir, name)
+  hop = hop_of(separator.chunk, inf.overlap)
+  total = info.channels * sum(len(chunk_starts(model_frames + d, separator.chunk, hop))
+                              for d in delays)
+  base = os.path.basename(path)
+  name = folder_name or os.path.splitext(base)[0]
+  names = fmt.stem_names(stems)
+  files = [os.path.join(out_dir, p) for p in fmt.relative_paths(
+      name, os.path.splitext(base)[1].lstrip('.'), stems)]
   os.makedirs(out_dir, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{name}.partial-', dir=out_dir)
-  umask = os.umask(0o022)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)        # mkdtemp's 0700 is for the scratch name, not the output
-  bar = tqdm(total=total, desc=os.path.basename(path), unit='chunk', disable=not show_progress,
-             file=sys.stderr)
+  bar = tqdm(total=total, desc=base, unit='chunk', disable=not show_progress, file=sys.stderr)
   try:
-    report = _write_stems(separator, path, info, tmp, stems, block_frames, bar.update)
-    if os.path.isdir(folder):
-      shutil.rmtree(folder)
-    os.replace(tmp, folder)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    report = _write_stems(separator, path, info, tmp, stems, block_frames, bar.update, fmt,
+                          delays)
+    encoded, finished = {}, []
+    for stem, scratch, peak in zip(names, report.pop('scratch'), report.pop('peaks')):
+      done = os.path.join(tmp, f'{stem}.{fmt.ext}')
+      encoded[stem] = stem_files.finish(scratch, done, fmt, peak)
+      finished.append(done)
+    for done, final in zip(finished, files):   # all complete: move them into place
+      os.makedirs(os.path.dirname(final), exist_ok=True)
+      os.replace(done, final)
   finally:
     bar.close()
-  return {'path': path, 'folder': folder, 'frames': int(info.num_frames),
+    shutil.rmtree(tmp, ignore_errors=True)
+  folders = {os.path.dirname(f) for f in files}
+  return {'path': path, 'folder': folders.pop() if len(folders) == 1 else out_dir,
+          'files': dict(zip(names, files)), 'frames': int(info.num_frames),
           'sample_rate': int(info.sample_rate), 'channels': int(info.channels),
-          'peak': float(info.peak), **report}
+          'peak': float(info.peak), 'encoded': encoded, **report}
 
 
-def separate_files(files: Sequence[str], workdir: str, out: str, checkpoint='best',
-                   overlap: Optional[float] = None, batch_size: int = 0, in_flight: int = 0,
-                   show_progress: bool = True, stream=None) -> int:
-  """The command: checks the output folder and the inputs, restores the model once,
-  separates every good file, and returns the exit code (1 when any file failed).
-
-  A bad file costs one line of error and does not stop the others; the summary at the end
-  lists what failed. Errors that concern every file (a missing workdir, an unwritable
-  output folder) raise: run_guarded prints them.
-  """
-  from rqvae_jax import cli
-  stream = stream or sys.stderr
-  if not files:
-    raise ValueError('Give at least one audio file: python -m rqvae_jax.separate --workdir '
-                     'DIR song.wav [more files] --out separated/')
-  out = cli.check_output_dir(out)                      # before minutes of separation
-  named, failed = cli.output_names(files)
-  for path in list(p for p, _ in named):
-    try:
-      audio_lib.check_path(path)
-    except ValueError as e:
-      failed[path] = cli.one_line(e)
-  named = [(p, n) for p, n in named if p not in failed]
-  for path, message in failed.items():
-    print(f'error: {path}: {message}', file=stream)
-  done = []
-  if named:
-    from rqvae_jax import compilation_cache
-    compilation_cache.enable()
-    separator = Separator.from_workdir(workdir, checkpoint)
-    if overlap is not None:
-      separator.config.inference.overlap = overlap
-    if batch_size:
-      separator.config.inference.batch_size = batch_size
-    if in_flight:
-      separator.config.inference.in_flight = in_flight
-    hop_of(separator.chunk, separator.config.inference.overlap)   # a bad --overlap fails here
-    print(f'Restored {workdir} at step {separator.step}.', file=stream)
-    stems = separator.config.data.stems
-    for path, name in named:
-      try:
-        r = separate_file(separator, path, out, stems, show_progress, folder_name=name)
-      except ValueError as e:
-        failed[path] = cli.one_line(e)
-        print(f'error: {path}: {failed[path]}', file=stream)
-        continue
-      done.append(path)
-      head = (f"{r['folder']}: {len(stems)} stems, {r['frames']} frames at "
-              f"{r['sample_rate']} Hz x {r['channels']} ch")
-      if r['silent']:
-        print(f'{head}; the input is silent (peak {r["peak"]:.2g}), so are the stems')
-      else:
-        print(f"{head}; stems sum to the input within {r['residual_db']:.1f} dB "
-              '(residual / input energy)')
-  if failed:
-    print(f'Separated {len(done)} of {len(done) + len(failed)} files into {out}; '
-          f'{len(failed)} failed:',
-          file=stream)
-    for path, message in failed.items():
-      print(f'  {path}: {message}', file=stream)
-    return 1
-  return 0
-
-
-def main(argv):
-  from absl import flags
-  from rqvae_jax import cli
-  f = flags.FLAGS
-  if not f.verbose:
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)   # Orbax logs every restore step at INFO
-  return cli.run_guarded(lambda: separate_files(
-      argv[1:], f.workdir, f.out, f.checkpoint, f.overlap, f.batch_size, f.in_flight),
-                         f.verbose)
-
-
-def _define_flags():
-  from absl import flags
-  flags.DEFINE_string('workdir', None, 'Training workdir (config.json and checkpoints).')
-  flags.DEFINE_string('out', 'separated', 'Output folder; stems go to OUT/<song>/<stem>.wav.')
-  flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.")
-  flags.DEFINE_float('overlap', None, 'Chunk overlap in [0, 1) (default: the config\'s).')
-  flags.DEFINE_integer('batch_size', 0, 'Chunks per device call (default: the config\'s).')
-  flags.DEFINE_integer('in_flight', 0, 'Device calls at once (default: the config\'s).')
-  flags.DEFINE_bool('verbose', False, 'Print tracebacks with errors (for bug reports).')
-  flags.mark_flags_as_required(['workdir'])
+def separate_files(*args, **kwargs) -> int:
+  """The separate command's work (`separate_cli.separate_files`), importable from here."""
+  from rqvae_jax import separate_cli
+  return separate_cli.separate_files(*args, **kwargs)
 
 
 if __name__ == '__main__':
-  from absl import app
-  _define_flags()
-  app.run(main)
+  from rqvae_jax import separate_cli
+  sys.exit(separate_cli.main())

@@ -115,24 +115,29 @@ def test_separate_cli_restores_a_stereo_44k_file(smoke_run, tmp_path):
   path = tmp_path / 'song.wav'
   sf.write(path, song, rate, subtype='PCM_16')
   out = subprocess.run([sys.executable, '-m', 'rqvae_jax.separate', '--workdir', workdir,
-                        '--out', str(tmp_path / 'sep'), str(path)],
+                        '-o', str(tmp_path / 'sep'), str(path)],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
+  folder = tmp_path / 'sep' / os.path.basename(workdir) / 'song'     # OUT/<model>/<song>/
   stems = {}
   for stem in ('bass', 'drums', 'guitar', 'piano'):
-    info = sf.info(str(tmp_path / 'sep' / 'song' / f'{stem}.wav'))
+    info = sf.info(str(folder / f'{stem}.wav'))
     assert (info.samplerate, info.channels, info.frames) == (rate, 2, len(t))
-    stems[stem] = sf.read(str(tmp_path / 'sep' / 'song' / f'{stem}.wav'), dtype='float64')[0]
+    assert info.subtype == 'PCM_16'
+    stems[stem] = sf.read(str(folder / f'{stem}.wav'), dtype='float64')[0]
     # Separated audio, channel by channel: not silence, and the two channels differ.
     assert np.sqrt(np.mean(stems[stem] ** 2)) > 1e-3
     assert np.abs(stems[stem][:, 0] - stems[stem][:, 1]).max() > 1e-3
   names = list(stems)
   assert all(not np.allclose(stems[a], stems[b], atol=1e-4)                  # four stems
              for i, a in enumerate(names) for b in names[i + 1:])
-  # The reported residual is the files' own: 10 log10(|input - sum of stems|^2 / |input|^2).
+  # The reported residual, 10 log10(|input - sum of stems|^2 / |input|^2), is the model's
+  # float stems'; the 16-bit files give the same figure unless a stem had to be rescaled.
   x = sf.read(str(path), dtype='float64')[0]
   residual = 10 * np.log10(np.sum((x - sum(stems.values())) ** 2) / np.sum(x ** 2))
-  assert f'stems sum to the input within {residual:.1f} dB' in out.stdout
+  reported = float(out.stdout.split('stems sum to the input within ')[1].split(' dB')[0])
+  if 'turned down' not in out.stdout:
+    assert abs(residual - reported) < 0.06, (residual, out.stdout)
 
 
 def test_separator_is_its_chunk_function_cross_faded(smoke_run):
@@ -367,9 +372,10 @@ def test_separate_cli_skips_bad_files_and_keeps_same_named_songs_apart(smoke_run
   assert [e.split(':')[1].strip() for e in errors] == [
       str(tmp_path / f) for f in ('cut.wav', 'missing.ogg', 'folder')]
   assert 'truncated' in errors[0] and 'not found' in errors[1] and 'is a folder' in errors[2]
-  assert f"Separated 2 of 5 files into {tmp_path / 'sep'}; 3 failed:" in out.stderr
+  sep = tmp_path / 'sep' / os.path.basename(workdir)          # OUT/<model>/<song>/
+  assert f"Separated 2 of 5 files into {sep}; 3 failed:" in out.stderr
   for folder, channels in (('song_wav', 2), ('song_flac', 1)):
     for stem in ('bass', 'drums', 'guitar', 'piano'):
-      info = sf.info(str(tmp_path / 'sep' / folder / f'{stem}.wav'))
+      info = sf.info(str(sep / folder / f'{stem}.wav'))
       assert (info.samplerate, info.channels, info.frames) == (rate, channels, len(t))
-  assert sorted(os.listdir(tmp_path / 'sep')) == ['song_flac', 'song_wav']
+  assert sorted(os.listdir(sep)) == ['song_flac', 'song_wav']
