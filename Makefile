@@ -1,15 +1,35 @@
 # Two entry points for a fresh machine: `make demo` and `make test` (README: Set-up).
-PYTHON ?= python3
+# The pins need Python 3.11+ (jax 0.10, flax 0.12, numpy 2.4): the first of these on PATH
+# that is, the tested 3.11 first; or give one: make test PYTHON=/path/to/python3.11.
+PY_CANDIDATES := python3.11 python3.12 python3.13 python3
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(firstword $(foreach p,$(PY_CANDIDATES),$(shell $(p) -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && echo $(p))))
+endif
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# On a CUDA 12 machine: make install CUDA=12 (or make test / make demo CUDA=12) adds JAX's
+# CUDA wheels at the locked jax version, e.g. jax[cuda12]==0.10.2.
+CUDA ?=
+JAX_CUDA := $(subst jax==,jax[cuda$(CUDA)]==,$(shell grep '^jax==' requirements.txt))
+# The test-suite's tolerances are float32-on-CPU ones (GPUs multiply float32 in TF32 by
+# default), so make test runs on the CPU; TEST_PLATFORMS=cuda runs it on the GPU (unmeasured).
+TEST_PLATFORMS ?= cpu
 
-$(VENV)/.installed: requirements.txt
+# The exact lock, then this project itself (editable, no dependencies: the lock has them), so
+# that rqvae-separate / rqvae-train / rqvae-eval are on the venv's PATH.
+$(VENV)/.installed: requirements.txt pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+	  echo "rqvae-jax needs Python 3.11 or newer (its pinned jax, flax and numpy do); PYTHON='$(PYTHON)'"; \
+	  echo "is not (by default: the first 3.11+ of $(PY_CANDIDATES) on PATH)."; \
+	  echo "Install one, or run: make $(MAKECMDGOALS) PYTHON=/path/to/python3.11"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt $(if $(CUDA),"$(JAX_CUDA)")
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-# Test-only dependencies (torch CPU for the original code's parity tests): `make test` only.
+# Test-only dependencies (pytest, TFDS, librosa, torch CPU for the original code's parity
+# tests): `make test` only.
 $(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
@@ -18,7 +38,7 @@ $(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
 install: $(VENV)/.installed
 
 test: install $(VENV)/.dev-installed
-	$(PY) -m pytest -q tests
+	JAX_PLATFORMS=$(TEST_PLATFORMS) $(PY) -m pytest -q tests
 
 demo: install
 	$(PY) demo.py --workdir $(or $(WORKDIR),runs/demo)

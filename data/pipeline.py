@@ -30,9 +30,9 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from data import slakh
-from data import synthetic
-from data.slakh import Track, load_stems, load_track  # pylint: disable=unused-import
+from . import slakh
+from . import synthetic
+from .slakh import Track, load_stems, load_track  # pylint: disable=unused-import
 
 
 def import_tf():

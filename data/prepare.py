@@ -35,7 +35,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from data import slakh
+from . import slakh
 
 AUDIO_EXTS = ('.wav', '.flac', '.ogg', '.oga', '.aif', '.aiff', '.w64', '.rf64')
 SPLIT_ALIASES = {'train': 'train', 'validation': 'validation', 'val': 'validation',
@@ -274,7 +274,8 @@ def main(argv=None):
                       help='write silence for a missing stem file instead of dropping')
   parser.add_argument('--verbose', action='store_true', help='tracebacks with errors')
   slakh.add_data_config_arguments(parser)
-  args = parser.parse_args(argv)
+  from rqvae_jax import cli  # pylint: disable=g-import-not-at-top
+  args = parser.parse_args(cli.argparse_argv(sys.argv[1:] if argv is None else argv))   # --a_b too
   data_config = slakh.data_config_from_args(args)
   splits = tuple(s.strip() for s in args.splits.split(',') if s.strip())
   try:

@@ -230,7 +230,8 @@ def add_data_config_arguments(parser) -> None:
 
 def data_config_from_args(args):
   """The config's data section with the command line's duration limits applied."""
-  from configs import rqvae  # pylint: disable=g-import-not-at-top
+  from rqvae_jax import bundled  # pylint: disable=g-import-not-at-top
+  rqvae = bundled.configs_module()
   data_config = rqvae.get_config(args.config).data
   if args.min_seconds is not None:
     data_config.min_track_seconds = args.min_seconds
@@ -242,7 +243,7 @@ def data_config_from_args(args):
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] == 'prepare':
-    from data import prepare  # pylint: disable=g-import-not-at-top
+    from . import prepare  # pylint: disable=g-import-not-at-top
     return prepare.main(argv[1:])
   parser = argparse.ArgumentParser(prog='python -m data.slakh', description=(
       'scan ROOT: validate a prepared Slakh2100 folder; prepare SRC DST: convert data '
@@ -252,7 +253,8 @@ def main(argv=None):
   parser.add_argument('--split', default='all', choices=SPLITS + ('all',))
   add_data_config_arguments(parser)
   parser.add_argument('--json', action='store_true', help='print the kept tracks as JSON')
-  args = parser.parse_args(argv)
+  from rqvae_jax import cli  # pylint: disable=g-import-not-at-top
+  args = parser.parse_args(cli.argparse_argv(sys.argv[1:] if argv is None else argv))   # --a_b too
   data_config = data_config_from_args(args)
   ok = True
   listing = {}

@@ -1025,8 +1025,10 @@ def main(argv=None):
   parser.add_argument('--max-seconds', type=float, help='longest track')
   parser.add_argument('--cache-dir', help='default ~/.cache/rqvae_jax/synthetic')
   parser.add_argument('--workers', type=int, help='processes (default: CPU count)')
-  args = parser.parse_args(argv)
-  from configs import rqvae  # pylint: disable=g-import-not-at-top
+  from rqvae_jax import cli  # pylint: disable=g-import-not-at-top
+  args = parser.parse_args(cli.argparse_argv(sys.argv[1:] if argv is None else argv))   # --a_b too
+  from rqvae_jax import bundled  # pylint: disable=g-import-not-at-top
+  rqvae = bundled.configs_module()
   data_config = rqvae.get_config(args.config).data
   for field in ('seed', 'num_train', 'num_validation', 'num_test', 'min_seconds',
                 'max_seconds', 'cache_dir'):

@@ -15,7 +15,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from data import slakh
+from . import slakh
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,10 +78,8 @@ def _fill_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
   means False: that run's dense layers had Flax's init). Saved values always win.
   """
   saved = _absent_means(saved)
-  try:
-    from configs import rqvae  # pylint: disable=g-import-not-at-top
-  except ImportError:           # the library used outside this repository: no defaults
-    return saved
+  from rqvae_jax import bundled  # pylint: disable=g-import-not-at-top
+  rqvae = bundled.configs_module()
   variant = saved.get('variant', 'paper')
   if variant not in rqvae.VARIANTS:
     return saved

@@ -9,7 +9,7 @@ model is restored, so a mistake costs seconds, not a whole separation.
 Flag spelling, one rule for every command: flags are written with dashes (--batch-size,
 --allow-changed, --num-train) and the underscore spelling (--batch_size) is accepted too.
 absl names flags with underscores and argparse with dashes, so each command's argv is
-rewritten to its parser's spelling first (`argparse_argv`). Config fields keep
+rewritten to its parser's spelling first (`absl_argv`, `argparse_argv`). Config fields keep
 the config's own spelling: --config.optim.plateau_min_delta.
 """
 import os
@@ -114,6 +114,17 @@ def _respell(argv: Sequence[str], old: str, new: str) -> List[str]:
     name, eq, value = arg[dashes:].partition('=')
     out.append(arg[:dashes] + name.replace(old, new) + eq + value)
   return out
+
+
+def absl_argv(argv: Sequence[str]) -> List[str]:
+  """argv for an absl command: dashed flag names in underscores, --config resolved by name
+  (`bundled.resolve_config_flags`). argv[0] is kept.
+
+  Raises:
+    ValueError: --config names neither a file nor a bundled config.
+  """
+  from rqvae_jax import bundled  # pylint: disable=g-import-not-at-top
+  return bundled.resolve_config_flags([argv[0]] + _respell(argv[1:], '-', '_'))
 
 
 def argparse_argv(argv: Sequence[str]) -> List[str]:

@@ -62,7 +62,9 @@ def _sisdri(ref, est, mix):
 def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test',
              checkpoint: Union[str, int] = 'best', verbose: bool = True) -> Dict[str, Any]:
   """Runs the protocol and writes workdir/eval/<split>/metrics.json and example WAVs."""
-  from data import pipeline, slakh, windows as windows_lib
+  from rqvae_jax import bundled
+  pipeline, slakh = bundled.data_module('pipeline'), bundled.data_module('slakh')
+  windows_lib = bundled.data_module('windows')
   from rqvae_jax import training
 
   separator = Separator.from_workdir(workdir, checkpoint, config)

@@ -71,4 +71,5 @@ if __name__ == '__main__':
                     "'ema': the EMA codebooks eval/separate use; 'params': the trained ones.")
   flags.DEFINE_string('prefix', '', "Key prefix: '' for RQVAE, 'AE.' for a LitAutoencoder.")
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  from rqvae_jax import cli
+  app.run(main, argv=cli.absl_argv(sys.argv))   # --dashed-flags, --config rqvae:original

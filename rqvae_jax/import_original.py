@@ -199,8 +199,8 @@ def main(argv):
                      '[--config configs/rqvae.py:original]')
   config = flags.FLAGS.config
   if config is None:
-    from configs import rqvae
-    config = rqvae.get_config('original')
+    from rqvae_jax import bundled
+    config = bundled.get_config('rqvae:original')
   try:
     import_checkpoint(argv[1], flags.FLAGS.workdir, config,
                       log=lambda s: print(s, file=sys.stderr))
@@ -215,4 +215,5 @@ if __name__ == '__main__':
   config_flags.DEFINE_config_file('config', None, 'Config (default: configs/rqvae.py:original); '
                                   'override fields with --config.data.root=... etc.')
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  from rqvae_jax import cli
+  app.run(main, argv=cli.absl_argv(sys.argv))   # --dashed-flags, --config rqvae:original

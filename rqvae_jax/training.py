@@ -310,7 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config.json only after the restore succeeded.
   """
   from clu import metric_writers
-  from data import pipeline, slakh
+  from rqvae_jax import bundled
+  pipeline, slakh = bundled.data_module('pipeline'), bundled.data_module('slakh')
 
   mesh = parallel.make_mesh()
   local_batch = parallel.check_batch_size(config.batch_size, mesh)

@@ -114,7 +114,8 @@ class ValidationBatches:
     return len(self.rows) // self.batch_size
 
   def __iter__(self) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    from data import pipeline
+    from rqvae_jax import bundled
+    pipeline = bundled.data_module('pipeline')
     d = self.data_config
     for b in range(0, len(self.rows), self.batch_size):
       rows = self.rows[b:b + self.batch_size]
@@ -134,7 +135,8 @@ def validation_batches(tracks, config: ml_collections.ConfigDict, batch_size: in
   last batches are padded with invalid rows; every process gets the same number of batches,
   since the evaluation step is one collective program.
   """
-  from data import windows as windows_lib
+  from rqvae_jax import bundled
+  windows_lib = bundled.data_module('windows')
   ev = windows_lib.eval_windows(tracks, config.data)
   if not ev.windows:
     raise ValueError('The validation split has no window with two active stems; check the data.')

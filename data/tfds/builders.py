@@ -39,9 +39,9 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data import slakh
-from data import synthetic
-from data import windows as windows_lib
+from .. import slakh
+from .. import synthetic
+from .. import windows as windows_lib
 
 _STEMS = ('bass', 'drums', 'guitar', 'piano')
 _NAME_FIELDS = ('sample_rate', 'stems', 'window_samples', 'hop_samples', 'silence_threshold',
