@@ -35,7 +35,6 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import librosa
 import numpy as np
 
 
@@ -47,10 +46,20 @@ def mel_filterbank(sample_rate: int, n_fft: int, num_mels: int) -> np.ndarray:
   """HTK mel triangles without normalisation, `(n_fft // 2 + 1, num_mels)` float32.
 
   Matches torchaudio's MelSpectrogram default (`mel_scale='htk'`, `norm=None`, f_min 0,
-  f_max sr / 2). Cached: read-only, do not modify in place.
+  f_max sr / 2). Cached: read-only, do not modify in place. The same float64 arithmetic as
+  `librosa.filters.mel(htk=True, norm=None)` (tests/test_losses.py compares them), written
+  out here because librosa was installed for this one call and brought numba, llvmlite and
+  scikit-learn (~260 MB) with it.
   """
-  fb = librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=num_mels, fmin=0.0,
-                           fmax=sample_rate / 2.0, htk=True, norm=None, dtype=np.float64)
+  hz_to_mel = lambda f: 2595.0 * np.log10(1.0 + f / 700.0)
+  edges = np.linspace(hz_to_mel(0.0), hz_to_mel(sample_rate / 2.0), num_mels + 2)
+  edges = 700.0 * (10.0 ** (edges / 2595.0) - 1.0)           # num_mels + 2 band edges, Hz
+  freqs = np.fft.rfftfreq(n=n_fft, d=1.0 / sample_rate)
+  width = np.diff(edges)
+  ramps = np.subtract.outer(edges, freqs)
+  fb = np.zeros((num_mels, n_fft // 2 + 1), np.float64)
+  for i in range(num_mels):
+    fb[i] = np.maximum(0, np.minimum(-ramps[i] / width[i], ramps[i + 2] / width[i + 1]))
   out = np.ascontiguousarray(fb.T, dtype=np.float32)
   out.setflags(write=False)
   return out
