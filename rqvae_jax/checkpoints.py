@@ -66,6 +66,10 @@ ABSENT_MEANS = {
     ('model', 'output_kernel'): 0,      # the output layer mirrored the first kernel
     ('model', 'output_head'): 'waveform',  # every model was a waveform decoder before the field
     ('loss', 'stft_weight'): 0.0,       # no STFT term before the field
+    ('model', 'mask_hidden'): 0,        # the mask head was channels[-1] wide before the field
+    ('model', 'mask_bin_features'): 0,  # and had no per-bin network
+    ('data', 'remix_fraction'): 0.0,    # no remixing augmentation before the field
+    ('data', 'stem_gain_range'): (1.0, 1.0),
 }
 
 

@@ -90,19 +90,47 @@ class MaskDecoder(nn.Module):
     if spec.shape[1] != z.shape[1]:
       raise ValueError(f'{spec.shape[1]} STFT frames vs {z.shape[1]} latent frames: the mask '
                        'head needs a length the encoder maps to length / hop frames.')
+    hidden = c.get('mask_hidden', 0) or c.channels[-1]
     x = z.astype(dtype)
+    if hidden != z.shape[-1]:
+      x = nn.Dense(hidden, dtype=dtype, name='latent_in')(x)
+    logmag = None
     if use_spectrogram:
       logmag = jnp.log(jnp.abs(spec) + 1e-4)
       logmag = nn.LayerNorm(dtype=dtype, name='spec_norm')(logmag.astype(dtype))
-      x = x + nn.Dense(z.shape[-1], dtype=dtype, name='spec_in')(logmag)
-    x = BiLSTM(c.channels[-1], c.lstm_layers, c.dropout, c.lstm_impl, dtype, name='lstm')(x, train)
-    x = nn.Dense(c.channels[-1], dtype=dtype, name='fc',
+      x = x + nn.Dense(hidden, dtype=dtype, name='spec_in')(logmag)
+    x = BiLSTM(hidden, c.lstm_layers, c.dropout, c.lstm_impl, dtype, name='lstm')(x, train)
+    x = nn.Dense(hidden, dtype=dtype, name='fc',
                  **blocks.dense_init(x.shape[-1], c.get('torch_init', False)))(x)
     x = nn.gelu(x)
     bins = spec.shape[-1]
     logits = nn.Dense(c.num_stems * bins, dtype=dtype, name='mask')(x)
-    logits = logits.reshape(*x.shape[:2], c.num_stems, bins).astype(jnp.float32)
+    logits = logits.reshape(*x.shape[:2], c.num_stems, bins)
+    features = c.get('mask_bin_features', 0)
+    if features:
+      logits = logits + self._per_bin_logits(x, logmag, bins, features, dtype)
+    logits = logits.astype(jnp.float32)
     masks = nn.softmax(logits, axis=2)                           # (B, T, S, F), sums to 1
     stems = istft(jnp.moveaxis(masks * spec[:, :, None], 2, 1).reshape(-1, *spec.shape[1:]),
                   n_fft, hop)
     return jnp.moveaxis(stems.reshape(spec.shape[0], c.num_stems, -1), 1, 2)
+
+  def _per_bin_logits(self, x, logmag, bins: int, features: int, dtype):
+    """(B, T, S, F) logits from a small per-bin network: the frame state, expanded to
+    `features` values per bin, plus the mixture's local spectral shape (a 3 x 5 conv over
+    time and frequency of the log-magnitude), through a GELU and a dense to the stems.
+
+    Why: the single dense from the frame state gives masks of rank <= its width, a poor fit
+    for harmonic combs at arbitrary pitches; here each bin's decision also sees whether that
+    bin is a spectral peak and how it moves, so masks can follow individual partials.
+    """
+    c = self.config
+    state = nn.Dense(bins * features, dtype=dtype, name='bin_state')(x)
+    state = state.reshape(*x.shape[:2], bins, features)
+    if logmag is not None:
+      local = nn.Conv(features, (3, 5), padding='SAME', dtype=dtype, name='bin_local')(
+          logmag[..., None])
+      state = state + local
+    out = nn.Dense(c.num_stems, dtype=dtype, name='bin_out',
+                   kernel_init=nn.initializers.zeros)(nn.gelu(state))   # starts as a no-op
+    return jnp.moveaxis(out, -1, 2)

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from rqvae_jax import augment
 from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import losses
 from rqvae_jax import metrics as metrics_lib
@@ -29,6 +30,7 @@ from rqvae_jax import validation
 from rqvae_jax.model import RQVAE, next_valid_length, normalize
 
 MUTABLE = ['batch_stats', qz.STATS]
+_REMIX_STREAM = 0x5E11            # fold_in constant of the augmentation's key
 
 
 @flax.struct.dataclass
@@ -117,6 +119,8 @@ def train_step(state: TrainState, batch: jax.Array, *, config: ml_collections.Co
   model = RQVAE(config.model)
   qcfg = config.model.quantizer
   rng, dropout_rng, restart_rng = jax.random.split(state.rng, 3)
+  if augment.enabled(config.data):    # its own key: runs without it keep their random stream
+    batch = augment.remix(batch, jax.random.fold_in(state.rng, _REMIX_STREAM), config.data)
   mixture = jnp.sum(batch, axis=-1)
   target = normalize(batch, config.model)
 

@@ -40,3 +40,17 @@ def test_workdir_saved_before_torch_init_loads_with_flax_init(tmp_path, variant)
   # Loading it and saving it again keeps False (the run's own value from now on).
   ckpt_lib.save_config(str(tmp_path / 'again'), loaded)
   assert ckpt_lib.load_config(str(tmp_path / 'again')).model.torch_init is False
+
+
+def test_cpu_hour_workdir_saved_before_the_wider_mask_head_loads_as_it_was_trained(tmp_path):
+  """`cpu_hour` now widens the mask head; a workdir saved before those fields existed had the
+  demo's head (channels[-1] wide, no per-bin network) and must load as that."""
+  cfg = get_config('cpu_hour')
+  assert cfg.model.mask_hidden > cfg.model.channels[-1] and cfg.model.mask_bin_features > 0
+  ckpt_lib.save_config(str(tmp_path), cfg)
+  path = tmp_path / ckpt_lib.CONFIG_FILE
+  saved = json.loads(path.read_text())
+  del saved['model']['mask_hidden'], saved['model']['mask_bin_features']
+  path.write_text(json.dumps(saved))
+  loaded = ckpt_lib.load_config(str(tmp_path))
+  assert (loaded.model.mask_hidden, loaded.model.mask_bin_features) == (0, 0)

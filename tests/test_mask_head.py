@@ -74,3 +74,47 @@ def test_mask_head_lengths_must_align_with_frames():
     bad = _mask_model()
     bad.model.output_head = 'spectral'
     is_valid_length(10000, bad.model)
+
+
+def _init_and_apply(config, mixture):
+  model = RQVAE(config.model)
+  variables = model.init({'params': jax.random.PRNGKey(0), 'dropout': jax.random.PRNGKey(1)},
+                         mixture, train=False)
+  return model, variables, np.asarray(model.apply(variables, mixture, train=False)[0])
+
+
+def test_wider_head_and_per_bin_network_keep_the_mixture_and_start_as_a_no_op():
+  """`mask_hidden` widens the decoder (a projection of the latent in); `mask_bin_features`
+  adds the per-bin network, whose output layer starts at zero: at initialisation the model
+  equals the same weights without it, and training moves it (its gradient is not zero)."""
+  config = _mask_model()
+  config.model.mask_hidden = 24
+  n = next_valid_length(10000, config.model)
+  mixture = 0.3 * np.random.default_rng(2).standard_normal((2, n)).astype(np.float32)
+  _, plain_vars, plain = _init_and_apply(config, mixture)
+  decoder = plain_vars['params']['decoder']
+  assert decoder['latent_in']['kernel'].shape == (config.model.channels[-1], 24)
+  assert decoder['mask']['kernel'].shape[0] == 24
+
+  config.model.mask_bin_features = 3
+  model, variables, stems = _init_and_apply(config, mixture)
+  bins = config.model.mask_fft // 2 + 1
+  decoder = variables['params']['decoder']
+  assert decoder['bin_state']['kernel'].shape == (24, 3 * bins)
+  assert decoder['bin_local']['kernel'].shape == (3, 5, 1, 3)
+  np.testing.assert_allclose(stems.sum(-1), mixture, atol=1e-5)
+  # Same weights for everything else: the zero-initialised per-bin output changes nothing.
+  shared = jax.tree_util.tree_map(lambda x: x, variables)
+  for name in ('bin_state', 'bin_local', 'bin_out'):
+    shared['params']['decoder'].pop(name)
+  without = config.copy_and_resolve_references()
+  without.model.mask_bin_features = 0
+  same = np.asarray(RQVAE(without.model).apply(shared, mixture, train=False)[0])
+  np.testing.assert_allclose(stems, same, atol=1e-6)
+
+  def energy_of_first_stem(params):
+    out, _ = model.apply({**variables, 'params': params}, mixture, train=False)
+    return jax.numpy.sum(out[..., 0] ** 2)
+
+  grads = jax.grad(energy_of_first_stem)(variables['params'])
+  assert float(np.abs(grads['decoder']['bin_out']['kernel']).max()) > 0

@@ -55,6 +55,27 @@ def test_steps_lower_the_loss_and_restart_codes(step_fn):
   assert m['perplexity'].shape == (cfg.model.quantizer.num_quantizers,)
 
 
+def test_remixing_trains_on_the_remixed_batch_from_the_state_key(step_fn):
+  """With data.remix_fraction on, a step equals the plain step on
+  augment.remix(batch, fold_in(state.rng, _REMIX_STREAM)): the augmentation is wired in
+  before the loss, and its key comes from the train state (so resume keeps the stream)."""
+  from rqvae_jax import augment
+  cfg, step = step_fn
+  remixing = cfg.copy_and_resolve_references()
+  remixing.data.remix_fraction = 1.0
+  remixing.data.stem_gain_range = (0.5, 1.5)
+  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  batch = _batch(cfg)
+  _, plain = step(state, batch)
+  _, remixed = jax.jit(functools.partial(training.train_step, config=remixing))(state, batch)
+  manual = augment.remix(batch, jax.random.fold_in(state.rng, training._REMIX_STREAM),
+                         remixing.data)
+  _, expected = step(state, manual)
+  assert abs(float(remixed['loss/total']) - float(plain['loss/total'])) > 1e-4
+  np.testing.assert_allclose(float(remixed['loss/total']), float(expected['loss/total']),
+                             rtol=1e-5)
+
+
 def test_nan_batch_is_skipped_and_counted(step_fn):
   cfg, step = step_fn
   state = training.create_train_state(cfg, jax.random.PRNGKey(0))
