@@ -404,11 +404,14 @@ def main(argv=None):
                   help='global budget in seconds from now (default: the sum of the budgets)')
   ap.add_argument('--sections', default='', help='comma-separated subset (default: all)')
   ap.add_argument('--install-json', default='', help='the shell script\'s install record')
+  ap.add_argument('--budget-scale', type=float,
+                  default=float(os.environ.get('GPU_CHECK_BUDGET_SCALE', '1')),
+                  help='multiplies every section budget (a slow or busy machine)')
   args = ap.parse_args(argv)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   if args.dry:
     os.environ['JAX_PLATFORMS'] = 'cpu'
-  budgets = DRY_BUDGETS if args.dry else BUDGETS
+  budgets = {k: v * args.budget_scale for k, v in (DRY_BUDGETS if args.dry else BUDGETS).items()}
   start = time.time()
   deadline = start + (args.deadline_s or sum(budgets.values()))
   install = {}
