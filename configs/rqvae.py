@@ -54,6 +54,9 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   m.norm_scale = 2359.9309 / 32768.0
   m.dtype = 'float32'                      # compute dtype ('bfloat16' for mixed precision)
   m.lstm_impl = 'auto'                     # 'auto' (cuDNN on GPU if available), 'scan'
+  # 'matmul' (matmul forms where they beat XLA's conv on the CPU), 'xla', or 'auto' (per
+  # backend, blocks.AUTO_CONV_IMPL; benchmarks/gpu_check.py times both on a device).
+  m.conv_impl = 'auto'
 
   # ----- residual vector quantizer (config.model.quantizer) -----
   q = m.quantizer = ml_collections.ConfigDict()

@@ -52,15 +52,40 @@ def dense_init(fan_in: int, torch_init: bool) -> dict:
   return {'kernel_init': init, 'bias_init': init}
 
 
-def conv(x, kernel, stride: int, padding: int):
+# model.conv_impl: 'matmul' (the matmul forms below where they won on the CPU), 'xla' (XLA's
+# convolution everywhere), or 'auto': per backend, from benchmarks/gpu_check.py's timing
+# (its JSON records the measured choice; a backend not listed gets 'matmul').
+CONV_IMPLS = ('auto', 'matmul', 'xla')
+AUTO_CONV_IMPL = {'cpu': 'matmul'}
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """'matmul' or 'xla' for a model.conv_impl value, 'auto' resolved for the default backend."""
+  if impl not in CONV_IMPLS:
+    raise ValueError(f'model.conv_impl must be one of {CONV_IMPLS}, got {impl!r} '
+                     "(e.g. --config.model.conv_impl=auto).")
+  if impl == 'auto':
+    return AUTO_CONV_IMPL.get(jax.default_backend(), 'matmul')
+  return impl
+
+
+def _xla_conv(x, kernel, stride: int, padding: int):
+  return jax.lax.conv_general_dilated(x, kernel, (stride,), [(padding, padding)],
+                                      dimension_numbers=('NWC', 'WIO', 'NWC'))
+
+
+def conv(x, kernel, stride: int, padding: int, impl: str = 'matmul'):
   """PyTorch Conv1d (no bias, dilation 1) on channels-last x (B, L, C_in), kernel (k, C_in, C_out).
 
-  Kernel-1 convolutions are a plain matmul and strided ones an im2col matmul: on the 2-core
-  CPU, forward+backward, 2.7x and ~1.2x faster than XLA's convolution for the paper's
-  shapes; stride-1 kernel-3 ones stay XLA convolutions (2.5x faster than im2col there).
+  impl='matmul': kernel-1 convolutions are a plain matmul and strided ones an im2col
+  matmul: on the 2-core CPU, forward+backward, 2.7x and ~1.2x faster than XLA's convolution
+  for the paper's shapes; stride-1 kernel-3 ones stay XLA convolutions (2.5x faster than
+  im2col there). impl='xla': XLA's convolution for every layer (what a GPU may prefer).
   """
   k = kernel.shape[0]
   kernel = kernel.astype(x.dtype)
+  if resolve_conv_impl(impl) == 'xla':
+    return _xla_conv(x, kernel, stride, padding)
   if k == 1 and stride == 1 and padding == 0:
     return jnp.einsum('blc,co->blo', x, kernel[0])
   if stride > 1:
@@ -68,8 +93,7 @@ def conv(x, kernel, stride: int, padding: int):
     out_len = (xp.shape[1] - k) // stride + 1
     cols = jnp.stack([xp[:, j:j + (out_len - 1) * stride + 1:stride] for j in range(k)], axis=2)
     return jnp.einsum('blkc,kco->blo', cols, kernel)
-  return jax.lax.conv_general_dilated(x, kernel, (stride,), [(padding, padding)],
-                                      dimension_numbers=('NWC', 'WIO', 'NWC'))
+  return _xla_conv(x, kernel, stride, padding)
 
 
 class Conv(nn.Module):
@@ -79,12 +103,13 @@ class Conv(nn.Module):
   stride: int = 1
   padding: int = 0
   dtype: Any = jnp.float32
+  impl: str = 'matmul'
 
   @nn.compact
   def __call__(self, x):
     w = self.param('kernel', _torch_conv_init, (self.kernel, x.shape[-1], self.features),
                    jnp.float32)
-    return conv(x.astype(self.dtype), w, self.stride, self.padding)
+    return conv(x.astype(self.dtype), w, self.stride, self.padding, self.impl)
 
 
 class BatchNorm(nn.Module):
@@ -106,16 +131,17 @@ class ResidualBlock(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  conv_impl: str = 'matmul'
 
   @nn.compact
   def __call__(self, x, train: bool):
     bn = lambda: BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype)
     prelu = lambda: nn.PReLU(negative_slope_init=self.prelu_init, param_dtype=jnp.float32)
-    y = Conv(self.channels, 1, dtype=self.dtype)(x)
+    y = Conv(self.channels, 1, dtype=self.dtype, impl=self.conv_impl)(x)
     y = prelu()(bn()(y, train))
-    y = Conv(self.channels, 3, padding=1, dtype=self.dtype)(y)
+    y = Conv(self.channels, 3, padding=1, dtype=self.dtype, impl=self.conv_impl)(y)
     y = prelu()(bn()(y, train))
-    y = Conv(self.channels, 1, dtype=self.dtype)(y)
+    y = Conv(self.channels, 1, dtype=self.dtype, impl=self.conv_impl)(y)
     y = bn()(y, train)
     return prelu()(x + y).astype(self.dtype)
 
@@ -127,7 +153,7 @@ def _torch_convt_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def conv_transpose(x, kernel, stride: int, padding: int):
+def conv_transpose(x, kernel, stride: int, padding: int, impl: str = 'matmul'):
   """PyTorch ConvTranspose1d on channels-last x (B, L, C_in), kernel (k, C_out, C_in).
 
   One matmul gives every tap's contribution (B, L, k, C_out); taps are grouped by stride
@@ -136,14 +162,17 @@ def conv_transpose(x, kernel, stride: int, padding: int):
   the work: this form was 4x faster forward+backward on the paper's decoder (2-core CPU).
   Stride 1 (the output layer) is a plain XLA convolution with the taps reversed: 1.4-1.7x
   faster forward+backward than the tap form on (2, 88200, 16) -> 4 channels, k = 3.
+  impl='xla': every stride is XLA's convolution of the stride-dilated input (lhs_dilation)
+  with the taps reversed.
   """
   k, c_out, _ = kernel.shape
   b, length, _ = x.shape
-  if stride == 1 and padding <= k - 1:
+  if padding <= k - 1 and (stride == 1 or resolve_conv_impl(impl) == 'xla'):
     # No (B, L, k, C) tap tensor: for a long stride-1 kernel (k = 63 at full rate) that
     # tensor and its gradient took gigabytes.
     flipped = jnp.flip(kernel, axis=0).transpose(0, 2, 1).astype(x.dtype)
     return jax.lax.conv_general_dilated(x, flipped, (1,), [(k - 1 - padding, k - 1 - padding)],
+                                        lhs_dilation=(stride,),
                                         dimension_numbers=('NWC', 'WIO', 'NWC'))
   groups = -(-k // stride)
   padded = jnp.pad(kernel, ((0, groups * stride - k), (0, 0), (0, 0)))
@@ -168,12 +197,14 @@ class ConvTranspose(nn.Module):
   stride: int
   padding: int = 1
   dtype: Any = jnp.float32
+  impl: str = 'matmul'
 
   @nn.compact
   def __call__(self, x):
     w = self.param('kernel', _torch_convt_init, (self.kernel, self.channels, x.shape[-1]),
                    jnp.float32)
-    return conv_transpose(x.astype(self.dtype), w.astype(self.dtype), self.stride, self.padding)
+    return conv_transpose(x.astype(self.dtype), w.astype(self.dtype), self.stride, self.padding,
+                          self.impl)
 
 
 class ConvBlock(nn.Module):
@@ -193,14 +224,16 @@ class ConvBlock(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  conv_impl: str = 'matmul'
 
   @nn.compact
   def __call__(self, x, train: bool):
     if self.leading_norm:
       x = BatchNorm(self.bn_momentum, self.bn_epsilon, self.dtype)(x, train)
     layer = ConvTranspose if self.transposed else Conv
-    x = layer(self.channels, self.kernel, self.stride, self.padding, self.dtype)(x)
+    x = layer(self.channels, self.kernel, self.stride, self.padding, self.dtype,
+              self.conv_impl)(x)
     x = nn.PReLU(negative_slope_init=self.prelu_init, param_dtype=jnp.float32)(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return ResidualBlock(self.channels, self.prelu_init, self.bn_momentum, self.bn_epsilon,
-                         self.dtype)(x, train)
+                         self.dtype, self.conv_impl)(x, train)

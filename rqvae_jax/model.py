@@ -107,7 +107,8 @@ def _conv_block(c, channels: int, kernel: int, stride: int, *, transposed: bool,
   return blocks.ConvBlock(channels, kernel, stride, c.padding, transposed=transposed,
                           leading_norm=leading_norm, dropout=c.dropout, prelu_init=c.prelu_init,
                           bn_momentum=c.bn_momentum, bn_epsilon=c.bn_epsilon,
-                          dtype=jnp.dtype(c.dtype), name=name)
+                          dtype=jnp.dtype(c.dtype), conv_impl=c.get('conv_impl', 'matmul'),
+                          name=name)
 
 
 def _mono(mixture):
@@ -164,7 +165,8 @@ class Decoder(nn.Module):
                          f'length only then), got {c.output_kernel}; use '
                          f'{c.output_kernel + 1}, or 0 to mirror the first encoder kernel.')
       k, padding = c.output_kernel, (c.output_kernel - 1) // 2
-    x = blocks.ConvTranspose(c.num_stems, k, s, padding, dtype, name='out')(x)
+    x = blocks.ConvTranspose(c.num_stems, k, s, padding, dtype, c.get('conv_impl', 'matmul'),
+                             name='out')(x)
     return x.astype(jnp.float32)
 
   def _add_skip(self, x, skip, name: str):

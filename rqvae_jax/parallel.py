@@ -37,6 +37,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def replicate(tree, mesh: Mesh):
+  """Every leaf of `tree` replicated over the mesh (the train state's placement).
+
+  Leaves already replicated on the mesh are kept. On several processes the others go
+  through host memory: `jax.device_put` of a process-local jax.Array onto a sharding that
+  spans other processes' devices builds an array whose local shard is itself the global
+  array (jax 0.10), which Orbax then cannot save. Every process must hold the same values
+  (the same seed, the same checkpoint), as for any replicated array.
+  """
+  sharding = replicated(mesh)
+  multi = jax.process_count() > 1
+
+  def put(x):
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+      return x
+    return jax.device_put(np.asarray(x) if multi else x, sharding)
+
+  return jax.tree_util.tree_map(put, tree)
+
+
 def data_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 

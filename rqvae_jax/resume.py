@@ -38,6 +38,7 @@ ALLOWED_TO_CHANGE: Dict[str, str] = {
     'data.num_parallel_reads': 'reading throughput only',
     'data.prefetch_batches': 'reading throughput only',
     'data.synthetic.cache_dir': 'where the (seeded, identical) synthetic set is cached',
+    'model.conv_impl': 'the same convolutions computed in another form (blocks.conv)',
     'inference': 'separation settings, used by eval and separate, not by training',
     'eval': 'evaluation protocol settings of eval.py, not used by training',
 }

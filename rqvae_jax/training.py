@@ -343,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             f'mixtures in {time.time() - t:.1f} s.', file=sys.stderr)
 
   repl = parallel.replicated(mesh)
-  state = jax.device_put(state, repl)
+  state = parallel.replicate(state, mesh)
   p_train_step = jax.jit(functools.partial(train_step, config=config),
                          in_shardings=(repl, parallel.data_sharded(mesh)),
                          out_shardings=(repl, repl), donate_argnums=(0,))
@@ -378,7 +378,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     last = step == config.num_train_steps
     if step % config.eval_every_steps == 0 or last:
       val, example = validation.validate(state, p_eval_step, val_batches, mesh, config)
-      state = plateau_update(state, val['val/sisdri_mean'], config.optim)
+      # plateau_update's new scalars are host-local arrays: put them back on the mesh (on
+      # several processes a checkpoint cannot hold a host-local array).
+      state = parallel.replicate(plateau_update(state, val['val/sisdri_mean'], config.optim),
+                                 mesh)
       val['val/lr_scale'] = float(state.lr_scale)
       writer.write_scalars(step, val)
       if is_main:
