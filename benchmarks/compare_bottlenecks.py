@@ -1,13 +1,15 @@
 """RQ-VAE vs its baselines (VQ-VAE, VAE) under one recipe and budget: train, evaluate, tabulate.
 
   python -m benchmarks.compare_bottlenecks --out runs/bottlenecks --steps 500 \
-      [--bottlenecks rvq,vq,gaussian] [--variant demo] [--vq-codebook-size 8092] \
+      [--bottlenecks rvq,vq,gaussian] [--variant demo] [--vq-codebook-size 1024] \
       [--split test] [--checkpoint latest] [--readme README.md]
 
 Each bottleneck trains the same config (`--variant`, by default `demo`: mask head, 2 s
 windows, batch 6, its losses, cosine schedule over `--steps`) with only `model.bottleneck`
 swapped (configs/rqvae.py `set_bottleneck`: 'vq' = one codebook of `--vq-codebook-size`
-codes, the released VQ-VAE's 8092 by default; 'gaussian' = the per-frame VAE latent), in
+codes, by default 1024: from the released VQ-VAE's search space (512, 1024; released 8092),
+and as many code vectors as the demo RQ-VAE's 4 x 256; 'gaussian' = the per-frame VAE
+latent), in
 OUT/<bottleneck>/ (an existing workdir resumes, a finished one is only evaluated), then runs
 the evaluation protocol on `--split` (rqvae_jax.evaluation). Writes OUT/comparison.json (the
 budget, the machine, per bottleneck: SI-SDRi non-silent and MSDM, mean and per stem, wall
@@ -41,7 +43,7 @@ def _figures(section: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def run(out: str, steps: int, kinds: Sequence[str], variant: str = 'demo',
-        vq_codebook_size: int = 8092, split: str = 'test', checkpoint: str = 'latest'
+        vq_codebook_size: int = 1024, split: str = 'test', checkpoint: str = 'latest'
         ) -> Dict[str, Any]:
   from rqvae_jax import evaluation, training
   result: Dict[str, Any] = {
@@ -85,7 +87,7 @@ def markdown_table(result: Dict[str, Any]) -> str:
   budget = result['budget'] or {}
   stems = None
   rows: List[str] = []
-  entries = [(LABELS.get(k, k), v) for k, v in result['bottlenecks'].items()]
+  entries = [(_label(k, v), v) for k, v in result['bottlenecks'].items()]
   if result['baselines']:
     entries += [('all-zero', result['baselines']['all_zero']),
                 ('mixture/4', result['baselines']['mixture_over_4'])]
@@ -104,6 +106,12 @@ def markdown_table(result: Dict[str, Any]) -> str:
            f"recipe); {result['cpu']}, {result['date']}")
   return '\n'.join([title, '', '| | ' + ' | '.join(head) + ' |',
                     '|---|' + '---:|' * len(head)] + rows)
+
+
+def _label(kind: str, entry: Dict[str, Any]) -> str:
+  q = entry.get('quantizer')
+  size = f", {q['num_quantizers']} x {q['codebook_size']} codes" if q else ''
+  return LABELS.get(kind, kind).replace(')', f'{size})')
 
 
 def _fmt(v) -> str:
@@ -129,7 +137,7 @@ def main(argv=None):
   parser.add_argument('--steps', type=int, required=True, help='training steps per bottleneck')
   parser.add_argument('--bottlenecks', default='rvq,vq,gaussian')
   parser.add_argument('--variant', default='demo')
-  parser.add_argument('--vq-codebook-size', type=int, default=8092)
+  parser.add_argument('--vq-codebook-size', type=int, default=1024)
   parser.add_argument('--split', default='test')
   parser.add_argument('--checkpoint', default='latest', help="'latest' (the budget's end) or 'best'")
   parser.add_argument('--readme', default='', help='README whose marked block gets the table')
