@@ -76,10 +76,26 @@ def run(out: str, steps: int, kinds: Sequence[str], variant: str = 'demo',
 
 
 def _write(out: str, result: Dict[str, Any]) -> None:
-  with open(os.path.join(out, 'comparison.json'), 'w') as f:
-    json.dump(result, f, indent=2)
-  with open(os.path.join(out, 'comparison.md'), 'w') as f:
-    f.write(markdown_table(result) + '\n')
+  """Writes the JSON and the table, keeping the rows of other bottlenecks an earlier (or a
+  concurrent: `--bottlenecks vq` beside `--bottlenecks gaussian`) run of the same budget,
+  recipe and split left in OUT/comparison.json."""
+  path = os.path.join(out, 'comparison.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      earlier = json.load(f)
+    same = all(earlier.get(k) == result.get(k) for k in ('budget', 'split', 'checkpoint',
+                                                            'variant'))
+    if same:
+      result['bottlenecks'] = {**{k: v for k, v in earlier['bottlenecks'].items()
+                                  if k not in result['bottlenecks']}, **result['bottlenecks']}
+      result['bottlenecks'] = {k: result['bottlenecks'][k] for k in LABELS
+                               if k in result['bottlenecks']}
+  for name, text in (('comparison.json', json.dumps(result, indent=2)),
+                     ('comparison.md', markdown_table(result) + '\n')):
+    tmp = os.path.join(out, f'.{name}.{os.getpid()}')
+    with open(tmp, 'w') as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(out, name))
 
 
 def markdown_table(result: Dict[str, Any]) -> str:
