@@ -3,6 +3,7 @@
   python -m benchmarks.compare_bottlenecks --out runs/bottlenecks --steps 500 \
       [--bottlenecks rvq,vq,gaussian] [--variant demo] [--vq-codebook-size 1024] \
       [--split test] [--checkpoint latest] [--readme README.md]
+  python -m benchmarks.compare_bottlenecks --out runs/bottlenecks --table-only --readme README.md
 
 Each bottleneck trains the same config (`--variant`, by default `demo`: mask head, 2 s
 windows, batch 6, its losses, cosine schedule over `--steps`) with only `model.bottleneck`
@@ -14,7 +15,10 @@ OUT/<bottleneck>/ (an existing workdir resumes, a finished one is only evaluated
 the evaluation protocol on `--split` (rqvae_jax.evaluation). Writes OUT/comparison.json (the
 budget, the machine, per bottleneck: SI-SDRi non-silent and MSDM, mean and per stem, wall
 times, code usage; the all-zero and mixture/4 baselines) and OUT/comparison.md (the table);
-with `--readme`, the table replaces the block between the README's markers.
+with `--readme`, the table replaces the block between the README's markers. Rows of other
+bottlenecks already in OUT/comparison.json for the same budget are kept, so the three may run
+as three processes (`--bottlenecks vq`, ...); `--table-only` redoes the table and the README
+from OUT/comparison.json without training or evaluating.
 """
 import argparse
 import json
@@ -150,7 +154,9 @@ def update_readme(path: str, table: str) -> None:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--out', required=True, help='folder for the workdirs and the table')
-  parser.add_argument('--steps', type=int, required=True, help='training steps per bottleneck')
+  parser.add_argument('--steps', type=int, default=0, help='training steps per bottleneck')
+  parser.add_argument('--table-only', action='store_true',
+                      help='only rebuild the table (and --readme) from OUT/comparison.json')
   parser.add_argument('--bottlenecks', default='rvq,vq,gaussian')
   parser.add_argument('--variant', default='demo')
   parser.add_argument('--vq-codebook-size', type=int, default=1024)
@@ -158,6 +164,13 @@ def main(argv=None):
   parser.add_argument('--checkpoint', default='latest', help="'latest' (the budget's end) or 'best'")
   parser.add_argument('--readme', default='', help='README whose marked block gets the table')
   args = parser.parse_args(argv)
+  if args.table_only:
+    with open(os.path.join(args.out, 'comparison.json')) as f:
+      result = json.load(f)
+    if args.readme:
+      update_readme(args.readme, markdown_table(result))
+    print(markdown_table(result))
+    return result
   kinds = [k.strip() for k in args.bottlenecks.split(',') if k.strip()]
   bad = [k for k in kinds if k not in LABELS]
   if bad or args.steps < 1:

@@ -187,3 +187,31 @@ def test_each_bottleneck_trains_a_step_and_its_checkpoint_evaluates(tmp_path, ki
     np.testing.assert_array_equal(sep(song), sep(song))      # the mean: deterministic
   else:
     assert len(result['codebook']['used_codes']) == c.model.quantizer.num_quantizers
+
+
+def test_comparison_table_rows_merge_and_readme_block(tmp_path):
+  """benchmarks.compare_bottlenecks without training: rows of concurrent runs of one budget
+  merge in OUT/comparison.json, the table has one row per bottleneck and baseline, and the
+  README's marked block is replaced (a README without markers is refused)."""
+  from benchmarks import compare_bottlenecks as cb
+  fig = lambda v: {'mean': v, 'per_stem': {'bass': v, 'drums': None}}
+  row = lambda v: {'nonsilent': fig(v), 'msdm': fig(v - 1), 'quantizer': None}
+  base = {'budget': {'steps': 5, 'batch_size': 6, 'segment_seconds': 2.0}, 'split': 'test',
+          'checkpoint': 'latest', 'variant': 'demo', 'cpu': 'cpu', 'date': 'today',
+          'baselines': {'all_zero': row(5.0), 'mixture_over_4': row(0.0)}}
+  cb._write(str(tmp_path), {**base, 'bottlenecks': {'gaussian': row(-3.0)}})
+  cb._write(str(tmp_path), {**base, 'bottlenecks': {'rvq': {**row(6.0), 'quantizer': {
+      'num_quantizers': 4, 'codebook_size': 256}}}})
+  merged = json.loads((tmp_path / 'comparison.json').read_text())
+  assert list(merged['bottlenecks']) == ['rvq', 'gaussian']
+  table = cb.markdown_table(merged)
+  assert '| RQ-VAE (rvq, 4 x 256 codes) | 6.00 | 6.00 | - | 5.00 | 5.00 | - |' in table
+  assert '| VAE (gaussian) | -3.00 |' in table and '| all-zero | 5.00 |' in table
+  assert '5 steps x batch 6 x 2.00 s windows' in table
+  readme = tmp_path / 'README.md'
+  readme.write_text(f'intro\n{cb.BEGIN}\nold\n{cb.END}\nrest\n')
+  cb.update_readme(str(readme), table)
+  assert readme.read_text() == f'intro\n{cb.BEGIN}\n{table}\n{cb.END}\nrest\n'
+  (tmp_path / 'plain.md').write_text('no markers')
+  with pytest.raises(ValueError, match='no <!-- compare_bottlenecks:begin -->'):
+    cb.update_readme(str(tmp_path / 'plain.md'), table)
