@@ -40,9 +40,12 @@ def breakdown(workdir: str, split: str = 'test', every: int = 4, checkpoint='bes
   window = int(cfg.data.eval_window_samples)
   length = next_valid_length(window, cfg.model)
   model = RQVAE(cfg.model)
+  from rqvae_jax import bottleneck
+  paths = PATHS if bottleneck.has_codes(cfg.model) else tuple(p for p in PATHS
+                                                              if p != 'unquantized')
   fns = {p: jax.jit(lambda v, x, p=p: model.apply(v, x, p, method=RQVAE.forward_path))
-         for p in PATHS}
-  scores = {p: [] for p in PATHS + ('all_zero',)}
+         for p in paths}
+  scores = {p: [] for p in paths + ('all_zero',)}
   active = ev.active[picked]
   for b in range(0, len(picked), batch_size):
     idx = picked[b:b + batch_size]
@@ -50,7 +53,7 @@ def breakdown(workdir: str, split: str = 'test', every: int = 4, checkpoint='bes
                       for t, s in (ev.windows[i] for i in idx)]).astype(np.float32)
     mix = stems.sum(-1)
     padded = np.pad(mix, ((0, 0), (0, length - window)))
-    for p in PATHS:
+    for p in paths:
       est = np.asarray(fns[p](sep.variables, jnp.asarray(padded)))[:, :window]
       scores[p].append(np.asarray(metrics.si_sdr_improvement(stems, est, mix)))
     scores['all_zero'].append(np.asarray(metrics.si_sdr_improvement(stems, 0 * stems, mix)))

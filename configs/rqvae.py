@@ -2,14 +2,35 @@
 
 Usage: `--config configs/rqvae.py` (the published configuration) or
 `--config configs/rqvae.py:VARIANT` with VARIANT one of `paper`, `original`, `demo`,
-`cpu_hour`, `smoke`.
+`cpu_hour`, `smoke`, and the original's baselines `vqvae` (one codebook) and `vae` (a Gaussian
+latent): the paper's model with its bottleneck swapped (`set_bottleneck`, README: Baselines).
 Every constant of the model is a field here, including those where the paper and the original
 code disagree (`paper` follows the paper, `original` follows the released code).
 """
 import ml_collections
 
 STEMS = ('bass', 'drums', 'guitar', 'piano')
-VARIANTS = ('paper', 'original', 'demo', 'cpu_hour', 'smoke')
+VARIANTS = ('paper', 'original', 'demo', 'cpu_hour', 'smoke', 'vqvae', 'vae')
+VQVAE_CODEBOOK_SIZE = 8092               # the released VQ-VAE; its search space: 512, 1024
+
+
+def set_bottleneck(c: ml_collections.ConfigDict, kind: str,
+                   codebook_size: int = VQVAE_CODEBOOK_SIZE) -> ml_collections.ConfigDict:
+  """`c` with its bottleneck swapped, everything else kept (in place; returns `c`).
+
+  'vq': one codebook of `codebook_size` codes; its loss keeps the original VQ-VAE's
+  0.75 * codebook + encoder terms (with one stage the RQ-VAE's cumulative term is the encoder
+  term again, so it is set to 0). 'gaussian': the VAE's per-frame Gaussian with the KL term
+  (`loss.kl_weight`, `loss.kl_form`). 'rvq': unchanged.
+  """
+  if kind == 'vq':
+    c.model.quantizer.num_quantizers = 1
+    c.model.quantizer.codebook_size = int(codebook_size)
+    c.loss.cumulative_term = 0.0
+  elif kind not in ('rvq', 'gaussian'):
+    raise ValueError(f"bottleneck must be 'rvq', 'vq' or 'gaussian', got {kind!r}.")
+  c.model.bottleneck = kind
+  return c
 
 
 def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
@@ -47,6 +68,9 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   m.mask_fft = 800                         # mask head STFT size: an even multiple of the hop 200
   m.mask_hidden = 0                        # mask head BiLSTM/dense width; 0 = channels[-1]
   m.mask_bin_features = 0                  # per-bin mask network width; 0 = off (mask_head.py)
+  # 'rvq': the paper's residual VQ; 'vq': one codebook (the VQ-VAE baseline, num_quantizers
+  # 1); 'gaussian': a per-frame Gaussian latent (the VAE baseline). rqvae_jax/bottleneck.py.
+  m.bottleneck = 'rvq'
   # Audio normalisation: model sees (stem - offset) / scale per stem. The original z-scores
   # int16-scale samples with mean 122.759 and std 2359.9309; on float audio in [-1, 1] that
   # is offset 122.759 / 32768 and scale 2359.9309 / 32768.
@@ -84,6 +108,12 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   l.encoder_term = 1.0                     # weight of mse(r, sg(q))
   l.cumulative_term = 1.0                  # weight of mse(z_e, sg(sum of q so far))
   l.sisdr_weight = 0.0                     # optional -SI-SDR term (not in the paper)
+  # Gaussian bottleneck only (losses.gaussian_kl): 'standard' = KL(q(z|x) || N(0, I)) summed
+  # over the latent dims, averaged over frames; 'sqrt' = the original VAE's
+  # sqrt(mean over the batch of the KL summed over frames and dims). The weight is our
+  # choice, not tuned (the original: sqrt form, weight 1).
+  l.kl_weight = 1e-3
+  l.kl_form = 'standard'
   l.stft_weight = 0.0                      # optional multi-resolution STFT term (not in the paper)
   l.stft_window_powers = (8, 10)
   l.stft_log_floor = 1e-3
@@ -212,6 +242,11 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
       # with 200 training tracks the demo recipe's training SI-SDR ran ~2.5 dB above validation.
       d.remix_fraction = 0.5
       d.stem_gain_range = (0.5, 1.5)
+  elif variant == 'vqvae':
+    set_bottleneck(c, 'vq')                # sizes 512 / 1024: --config.model.quantizer.codebook_size
+  elif variant == 'vae':
+    set_bottleneck(c, 'gaussian')
+    m.dropout = 0.0                        # the released VAE's fixed hyper-parameters
   elif variant == 'smoke':
     m.channels = (4, 8, 8, 16, 16)
     q.num_quantizers = 3

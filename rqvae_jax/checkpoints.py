@@ -65,6 +65,7 @@ ABSENT_MEANS = {
     ('model', 'skip_mode'): 'add',      # skips were plain sums before the field
     ('model', 'output_kernel'): 0,      # the output layer mirrored the first kernel
     ('model', 'output_head'): 'waveform',  # every model was a waveform decoder before the field
+    ('model', 'bottleneck'): 'rvq',     # every model was a residual VQ before the field
     ('loss', 'stft_weight'): 0.0,       # no STFT term before the field
     ('model', 'mask_hidden'): 0,        # the mask head was channels[-1] wide before the field
     ('model', 'mask_bin_features'): 0,  # and had no per-bin network

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from rqvae_jax import audio as audio_lib
+from rqvae_jax import bottleneck
 from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import metrics as metrics_lib
 from rqvae_jax.separate import Separator, overlap_add
@@ -90,7 +91,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
   out_dir = os.path.join(workdir, 'eval', split)
   os.makedirs(os.path.join(out_dir, 'examples'), exist_ok=True)
   q = config.model.quantizer
-  counts = np.zeros((q.num_quantizers, q.codebook_size), np.int64)
+  has_codes = bottleneck.has_codes(config.model)
+  counts = np.zeros((q.num_quantizers, q.codebook_size) if has_codes else (0, 0), np.int64)
   model_vals, zero_vals, mix4_vals, leak_vals = [], [], [], []
   abs_vals = {'model': [], 'all_zero': [], 'mixture_over_4': []}
   by_track: Dict[int, list] = {}
@@ -162,7 +164,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
   sisdr_abs = {k: _summary(np.concatenate(v), active, stems) for k, v in abs_vals.items()}
   leak = _leakage_summary(np.concatenate(leak_vals), active, stems)
   # Windows were grouped by track in the same (track, time) order as ev.windows.
-  usage = np.asarray(separator.variables['codebook_stats']['quantizer']['usage'])
   result = {
       'split': split, 'mode': mode, 'checkpoint_step': int(separator.step),
       'config_hash': training.config_hash(config), 'num_tracks': len(tracks),
@@ -174,11 +175,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
                                  'sisdr_abs': sisdr_abs['all_zero']},
                     'mixture_over_4': {**_summary(mix4_vals, active, stems),
                                        'sisdr_abs': sisdr_abs['mixture_over_4']}},
-      'codebook': {
-          'perplexity': [float(x) for x in np.asarray(metrics_lib.perplexity(counts))],
-          'used_codes': [int(x) for x in np.asarray(metrics_lib.used_codes(counts))],
-          'dead_codes': [int(x) for x in np.asarray(metrics_lib.dead_codes(usage, q.dead_threshold))],
-          'codebook_size': int(q.codebook_size)},
+      'bottleneck': bottleneck.kind(config.model),
+      'codebook': _codebook_summary(counts, separator.variables, q) if has_codes else None,
   }
   # Write-then-rename: a crash or a full disk mid-write keeps the previous metrics.json whole.
   ckpt_lib.write_text_atomic(os.path.join(out_dir, 'metrics.json'),
@@ -188,6 +186,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
     print(f'Wrote {os.path.join(out_dir, "metrics.json")} and example WAVs in '
           f'{os.path.join(out_dir, "examples")}.')
   return result
+
+
+def _codebook_summary(counts, variables, q) -> Dict[str, Any]:
+  usage = np.asarray(variables['codebook_stats']['quantizer']['usage'])
+  return {'perplexity': [float(x) for x in np.asarray(metrics_lib.perplexity(counts))],
+          'used_codes': [int(x) for x in np.asarray(metrics_lib.used_codes(counts))],
+          'dead_codes': [int(x) for x in np.asarray(metrics_lib.dead_codes(usage,
+                                                                           q.dead_threshold))],
+          'codebook_size': int(q.codebook_size)}
 
 
 def format_table(result: Dict[str, Any], stems) -> str:

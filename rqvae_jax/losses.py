@@ -206,13 +206,40 @@ def commitment_loss(quant_aux: Mapping[str, Any], loss_config) -> jnp.ndarray:
           + loss_config.cumulative_term * quant_aux['cumulative_loss'])
 
 
+def gaussian_kl(mean, logvar, form: str = 'standard') -> jnp.ndarray:
+  """KL(N(mean, exp(logvar)) || N(0, I)) of a Gaussian latent (B, T, D), as a loss.
+
+  Per frame, 0.5 * sum_d (mean^2 + exp(logvar) - 1 - logvar). 'standard': its mean over the
+  frames; 'sqrt': the original VAE's sqrt(-0.5 * mean_b sum_{t,d}(1 + logvar - mean^2 -
+  exp(logvar))), i.e. the square root of the batch mean of the KL summed over frames and dims.
+  """
+  mean = jnp.asarray(mean, jnp.float32)
+  logvar = jnp.asarray(logvar, jnp.float32)
+  per_dim = 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
+  if form == 'standard':
+    return jnp.mean(jnp.sum(per_dim, axis=-1))
+  if form == 'sqrt':
+    return jnp.sqrt(jnp.mean(jnp.sum(per_dim.reshape(per_dim.shape[0], -1), axis=-1)))
+  raise ValueError(f"loss.kl_form must be 'standard' or 'sqrt', got {form!r}.")
+
+
 def total_loss(target, estimate, quant_aux: Mapping[str, Any], loss_config,
                sample_rate: int) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
   """mel_weight * mel + time_weight * time + commitment_weight * commitment, and its parts.
 
   The parts dict holds the unweighted terms (float32 scalars) for logging. A zero mel_weight
-  skips the mel spectrograms altogether (they are the costliest part of the loss).
+  skips the mel spectrograms altogether (they are the costliest part of the loss). With a
+  Gaussian bottleneck (its aux holds 'mean' and 'logvar', no codes) the commitment parts are
+  0 and kl_weight * kl is added (part 'kl').
   """
+  if 'mean' in quant_aux:
+    zero = jnp.zeros((), jnp.float32)
+    kl = gaussian_kl(quant_aux['mean'], quant_aux['logvar'], loss_config.get('kl_form',
+                                                                             'standard'))
+    quant_aux = {'codebook_loss': zero, 'encoder_loss': zero, 'cumulative_loss': zero}
+    total, parts = total_loss(target, estimate, quant_aux, loss_config, sample_rate)
+    total = total + loss_config.get('kl_weight', 0.0) * kl
+    return total, {**parts, 'total': total, 'kl': jnp.asarray(kl, jnp.float32)}
   skip_mel = isinstance(loss_config.mel_weight, (int, float)) and loss_config.mel_weight == 0
   if not skip_mel:
     mel = multiscale_mel_loss(target, estimate, loss_config, sample_rate)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rqvae_jax import blocks
+from rqvae_jax import bottleneck
 from rqvae_jax import mask_head
 from rqvae_jax.lstm import BiLSTM
 from rqvae_jax.mask_head import MaskDecoder
@@ -186,15 +187,24 @@ class Decoder(nn.Module):
 
 
 class RQVAE(nn.Module):
-  """Mixture (B, N[, 1]) -> stems (B, N, S), plus the quantizer's aux dict (codes, losses)."""
+  """Mixture (B, N[, 1]) -> stems (B, N, S), plus the bottleneck's aux dict (codes, losses).
+
+  The bottleneck is `model.bottleneck` (rqvae_jax.bottleneck): 'rvq' and 'vq' are the
+  ResidualVQ `quantizer` (params/quantizer/codebooks), 'gaussian' the `gaussian` module
+  (params/gaussian/{mean,logvar}); encoder and decoder are the same for all three.
+  """
   config: Any
 
   def setup(self):
     c = self.config
     self.encoder = Encoder(c)
-    self.quantizer = ResidualVQ(c.quantizer.num_quantizers, c.quantizer.codebook_size,
-                                c.channels[-1], c.quantizer.usage_decay,
-                                c.quantizer.distance_dtype)
+    if bottleneck.has_codes(c):
+      self.quantizer = ResidualVQ(c.quantizer.num_quantizers, c.quantizer.codebook_size,
+                                  c.channels[-1], c.quantizer.usage_decay,
+                                  c.quantizer.distance_dtype)
+    else:
+      self.gaussian = bottleneck.GaussianBottleneck(c.channels[-1], c.get('torch_init', False),
+                                                    jnp.dtype(c.dtype))
     self.decoder = MaskDecoder(c) if output_head(c) == 'mask' else Decoder(c)
 
   def _decode(self, z, skips, mixture, train: bool):
@@ -203,6 +213,12 @@ class RQVAE(nn.Module):
     if output_head(self.config) == 'mask':
       return self.decoder(z, _mono(mixture), skips is not None, train)
     return denormalize(self.decoder(z, skips, train), self.config)
+
+  def _bottleneck(self, z_e, train: bool):
+    """(latent the decoder reads, aux): quantized codes, or a Gaussian sample / its mean."""
+    if bottleneck.has_codes(self.config):
+      return self.quantizer(z_e, train)
+    return self.gaussian(z_e, train)
 
   def _prepare(self, mixture):
     check_mixture(mixture, self.config)
@@ -218,7 +234,7 @@ class RQVAE(nn.Module):
 
   def __call__(self, mixture, train: bool = False) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     z_e, skips = self.encode_frames(mixture, train)
-    z_q, aux = self.quantizer(z_e, train)
+    z_q, aux = self._bottleneck(z_e, train)
     return self._decode(z_q, skips if self.config.skip_connections else None, mixture,
                         train), aux
 
@@ -227,10 +243,16 @@ class RQVAE(nn.Module):
 
     'full': the forward pass; 'unquantized': the encoder's z_e goes to the decoder without
     the quantizer; 'skips_only': the latent is zeroed, only the skips reach the decoder;
-    'codes_only': the quantized latent with zero skips (what `decode(codes)` gives).
+    'codes_only': the quantized latent with zero skips (what `decode(codes)` gives). For a
+    Gaussian bottleneck the latent is the posterior mean ('codes_only': the mean, zero skips)
+    and 'unquantized' does not exist (z_e is not in the decoder's latent space).
     """
+    if path == 'unquantized' and not bottleneck.has_codes(self.config):
+      raise ValueError("path='unquantized' bypasses a quantizer; a Gaussian-bottleneck model "
+                       "has none (its evaluation path already decodes the posterior mean). "
+                       "Use 'full', 'skips_only' or 'codes_only'.")
     z_e, skips = self.encode_frames(mixture, False)
-    z_q, _ = self.quantizer(z_e, False)
+    z_q, _ = self._bottleneck(z_e, False)
     use_skips = self.config.skip_connections
     if path == 'full':
       z, s = z_q, skips
@@ -247,7 +269,8 @@ class RQVAE(nn.Module):
     return self._decode(z, s if use_skips and s is not None else None, mixture, False)
 
   def encode(self, mixture) -> jax.Array:
-    """Codes (B, T, Q) int32 of a mixture (eval mode)."""
+    """Codes (B, T, Q) int32 of a mixture (eval mode); a Gaussian model has none."""
+    bottleneck.require_codes(self.config, 'RQVAE.encode')
     z_e, _ = self.encode_frames(mixture, False)
     return self.quantizer(z_e, False)[1]['codes']
 
@@ -259,6 +282,7 @@ class RQVAE(nn.Module):
     the quantized path's contribution only, not the full separation (pass the skips from
     `encode_frames` to reproduce `__call__`). With skips off, codes are the whole story.
     """
+    bottleneck.require_codes(self.config, 'RQVAE.decode')
     if output_head(self.config) == 'mask':
       raise ValueError('A mask-head model (model.output_head = \'mask\') masks the mixture\'s '
                        'spectrogram: codes alone cannot be decoded; call the model on the '

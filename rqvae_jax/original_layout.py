@@ -127,6 +127,10 @@ def check_architecture(model_config) -> None:
   (fields that change no parameter shape, so the key checks alone would not notice)."""
   c = model_config
   problems = []
+  if c.get('bottleneck', 'rvq') == 'gaussian':
+    problems.append("model.bottleneck must be 'rvq' or 'vq' (the original VAE maps the whole "
+                    "flattened sequence with one dense layer; this model's Gaussian is per "
+                    "frame, so no original VAE checkpoint fits it)")
   if not c.skip_connections:
     problems.append('model.skip_connections must be True (the original adds the encoder '
                     'skips)')

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from rqvae_jax import audio as audio_lib
+from rqvae_jax import bottleneck
 from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import metrics as metrics_lib
 from rqvae_jax import stem_files
@@ -76,15 +77,18 @@ class Separator:
     @jax.jit
     def fn(variables, mixtures):
       stems, aux = model.apply(variables, mixtures, train=False)
-      return stems, aux['codes']
+      return stems, aux.get('codes')        # None: a Gaussian bottleneck has no codes
 
     return cls(config=config, variables=variables, step=step, chunk=chunk, _fn=fn)
 
   def separate_chunks(self, mixtures: np.ndarray, num_rows: Optional[int] = None
                       ) -> Tuple[np.ndarray, np.ndarray]:
     """(B, chunk) -> stems (B, chunk, S) and code counts (Q, K) of the first `num_rows` chunks
-    (default all: rows past num_rows only fill a batch and are left out of the counts)."""
+    (default all: rows past num_rows only fill a batch and are left out of the counts);
+    a Gaussian-bottleneck model has no codes: its counts are an empty (0, 0) array."""
     stems, codes = self._fn(self.variables, jnp.asarray(mixtures, jnp.float32))
+    if codes is None:
+      return np.asarray(stems), np.zeros((0, 0), np.float32)
     codes = np.asarray(codes)[:len(mixtures) if num_rows is None else num_rows]
     counts = metrics_lib.code_histogram(codes, int(self.config.model.quantizer.codebook_size))
     return np.asarray(stems), np.asarray(counts, np.float32)

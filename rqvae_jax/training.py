@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from rqvae_jax import augment
+from rqvae_jax import bottleneck
 from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import losses
 from rqvae_jax import metrics as metrics_lib
@@ -41,6 +42,7 @@ class TrainState:
   codebook_stats: Any
   opt_state: Any
   codebook_ema: jax.Array        # EMA of params['quantizer']['codebooks'], used to validate
+  #                                (a Gaussian bottleneck has no codebooks: a placeholder 0)
   rng: jax.Array
   lr_scale: jax.Array            # plateau schedule: multiplied by plateau_factor on a plateau
   last_val: jax.Array            # validation SI-SDRi at the previous evaluation
@@ -51,7 +53,7 @@ class TrainState:
   def variables(self, use_ema: bool = False) -> Dict[str, Any]:
     """The model's variables; with `use_ema` the codebooks are their EMA (for validation)."""
     params = self.params
-    if use_ema:
+    if use_ema and 'codebooks' in params.get('quantizer', {}):
       params = {**params, 'quantizer': {**params['quantizer'], 'codebooks': self.codebook_ema}}
     return {'params': params, 'batch_stats': self.batch_stats, qz.STATS: self.codebook_stats}
 
@@ -98,10 +100,13 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
   variables = jax.jit(functools.partial(model.init, train=False))({'params': init_rng}, dummy)
   params = variables['params']
   f32 = lambda v: jnp.asarray(v, jnp.float32)
+  codes = bottleneck.has_codes(config.model)
   return TrainState(
       step=jnp.asarray(0, jnp.int32), params=params, batch_stats=variables['batch_stats'],
-      codebook_stats=variables[qz.STATS], opt_state=make_optimizer(config.optim).init(params),
-      codebook_ema=jnp.copy(params['quantizer']['codebooks']), rng=state_rng, lr_scale=f32(1.0),
+      codebook_stats=variables.get(qz.STATS, {}),
+      opt_state=make_optimizer(config.optim).init(params),
+      codebook_ema=jnp.copy(params['quantizer']['codebooks']) if codes else f32(0.0),
+      rng=state_rng, lr_scale=f32(1.0),
       last_val=f32(-jnp.inf), best_val=f32(-jnp.inf), bad_evals=jnp.asarray(0, jnp.int32),
       nan_skips=jnp.asarray(0, jnp.int32))
 
@@ -149,6 +154,9 @@ def train_step(state: TrainState, batch: jax.Array, *, config: ml_collections.Co
   updates, opt_state = make_optimizer(config.optim).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, jax.tree_util.tree_map(lambda u: -lr * u, updates))
 
+  if not bottleneck.has_codes(config.model):    # Gaussian: no codebooks, usage or restarts
+    return _finish_step(state, loss, grad_norm, parts, lr, params, new_vars['batch_stats'],
+                        state.codebook_stats, opt_state, state.codebook_ema, rng, {})
   codebooks = params['quantizer']['codebooks']
   usage = new_vars[qz.STATS]['quantizer']['usage']
   ema = qcfg.codebook_ema_decay * state.codebook_ema + (1 - qcfg.codebook_ema_decay) * codebooks
@@ -167,23 +175,31 @@ def train_step(state: TrainState, batch: jax.Array, *, config: ml_collections.Co
                                                   (codebooks, usage, ema))
   params = {**params, 'quantizer': {**params['quantizer'], 'codebooks': codebooks}}
   codebook_stats = {'quantizer': {'usage': usage}}
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  codes_out = {'restarted_codes': jnp.where(finite, restarted, 0)}
+  codes_out.update(codebook_summaries(aux['counts'], jnp.where(finite, usage, state.codebook_stats[
+      'quantizer']['usage']), qcfg.dead_threshold))
+  return _finish_step(state, loss, grad_norm, parts, lr, params, new_vars['batch_stats'],
+                      codebook_stats, opt_state, ema, rng, codes_out)
 
+
+def _finish_step(state, loss, grad_norm, parts, lr, params, batch_stats, codebook_stats,
+                 opt_state, ema, rng, codes_out):
+  """The NaN/inf guard (a non-finite loss or gradient keeps the old state and counts the
+  skip), the next state and the step's metrics (`codes_out`: the codebook ones)."""
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
   new_state = state.replace(
       step=state.step + 1,
       params=pick(params, state.params),
-      batch_stats=pick(new_vars['batch_stats'], state.batch_stats),
+      batch_stats=pick(batch_stats, state.batch_stats),
       codebook_stats=pick(codebook_stats, state.codebook_stats),
       opt_state=pick(opt_state, state.opt_state),
       codebook_ema=pick(ema, state.codebook_ema),
       rng=rng,
       nan_skips=state.nan_skips + (~finite).astype(jnp.int32))
   out = {**{f'loss/{k}': v for k, v in parts.items()}, 'grad_norm': grad_norm, 'lr': lr,
-         'skipped': (~finite).astype(jnp.float32),
-         'restarted_codes': jnp.where(finite, restarted, 0)}
-  out.update(codebook_summaries(aux['counts'], new_state.codebook_stats['quantizer']['usage'],
-                                qcfg.dead_threshold))
+         'skipped': (~finite).astype(jnp.float32), **codes_out}
   return new_state, out
 
 
@@ -203,7 +219,7 @@ def eval_step(state: TrainState, batch: jax.Array, *, config: ml_collections.Con
   return {'estimate': estimate, 'loss': loss,
           'sisdri': metrics_lib.si_sdr_improvement(batch, estimate, mixture),
           'active': metrics_lib.active_stem_mask(batch, config.data.silence_threshold),
-          'counts': aux['counts']}
+          **({'counts': aux['counts']} if 'counts' in aux else {})}
 
 
 def kmeans_frames(state: TrainState, mixtures: np.ndarray, config: ml_collections.ConfigDict,
@@ -242,7 +258,7 @@ def kmeans_initialize(state: TrainState, mixtures: np.ndarray,
   statistics are left as they were.
   """
   qcfg = config.model.quantizer
-  if qcfg.kmeans_stages == 'none':
+  if qcfg.kmeans_stages == 'none' or not bottleneck.has_codes(config.model):
     return state
   rng, key, dropout_key = jax.random.split(state.rng, 3)
   frames = kmeans_frames(state, mixtures, config, dropout_key)
@@ -334,7 +350,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   faults = pipeline.ReadFaults()       # unreadable training stems: retried, then skipped
   if start == 0:
     qcfg = config.model.quantizer
-    if qcfg.kmeans_stages != 'none':
+    if qcfg.kmeans_stages != 'none' and bottleneck.has_codes(config.model):
       t = time.time()
       kstream = pipeline.train_batches(config.data, train_tracks, qcfg.kmeans_examples,
                                        seed=config.seed + 7919, start_step=0, faults=faults)
