@@ -2,14 +2,14 @@
 
 Usage: `--config configs/rqvae.py` (the published configuration) or
 `--config configs/rqvae.py:VARIANT` with VARIANT one of `paper`, `original`, `demo`,
-`cpu_hour`, `smoke`.
+`cpu_hour`, `smoke`, `codec`.
 Every constant of the model is a field here, including those where the paper and the original
 code disagree (`paper` follows the paper, `original` follows the released code).
 """
 import ml_collections
 
 STEMS = ('bass', 'drums', 'guitar', 'piano')
-VARIANTS = ('paper', 'original', 'demo', 'cpu_hour', 'smoke')
+VARIANTS = ('paper', 'original', 'demo', 'cpu_hour', 'smoke', 'codec')
 
 
 def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
@@ -161,7 +161,7 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
     q.dead_threshold = 1.0
     d.shift_augmentation = False           # the released config trains on a fixed 4 s grid
     o.early_stop_patience = 3
-  elif variant in ('demo', 'cpu_hour'):
+  elif variant in ('demo', 'cpu_hour', 'codec'):
     # Trains in minutes on a 2-core CPU and separates the synthetic set measurably: a
     # narrower bottleneck, 4 x 256 codes, 2 s training windows (evaluation keeps the 4 s
     # protocol; separation runs 2 s chunks with overlap-add), the cheap losses plus the
@@ -195,6 +195,15 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
       c.eval_every_steps = 250
       c.checkpoint_every_steps = 500
       c.num_eval_batches = 8
+    if variant == 'codec':
+      # Codec mode (python -m rqvae_jax.codec, the RQ-Transformer prior): the demo's sizes
+      # with the paper's waveform decoder and no skips, so the codes are the whole
+      # representation and decode alone (the mask head masks the mixture's STFT and cannot).
+      m.output_head = 'waveform'
+      m.skip_connections = False
+      c.num_train_steps = 600
+      c.eval_every_steps = 200
+      c.checkpoint_every_steps = 200
   elif variant == 'smoke':
     m.channels = (4, 8, 8, 16, 16)
     q.num_quantizers = 3
