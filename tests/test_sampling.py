@@ -1,0 +1,61 @@
+"""KV-cached sampling: equal to re-running the whole prior for every code (greedy and with
+the same keys for top-p sampling), the sliding window past the context, and top-p itself."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.prior import get_config
+from rqvae_jax import prior, sampling
+
+Q, K, DC = 3, 16, 8
+
+
+@pytest.fixture(scope='module')
+def model_and_variables():
+  cfg = get_config('smoke').transformer
+  cfg.context_frames = 8
+  model = prior.RQTransformer(cfg, Q, K, DC)
+  params = jax.jit(lambda k: prior.init_params(model, k))(jax.random.PRNGKey(4))
+  # larger output weights: peaked distributions, so greedy and top-p choices differ by code
+  params = {**params, 'head_w': params['head_w'] * 40.0}
+  return model, {'params': params}
+
+
+@pytest.mark.parametrize('temperature,top_p', [(0.0, 1.0), (1.0, 0.8)])
+def test_cached_sampling_equals_the_uncached_model(model_and_variables, temperature, top_p):
+  model, variables = model_and_variables
+  key = jax.random.PRNGKey(7)
+  cached = sampling.sample(model, variables, key, 2, 8, temperature=temperature, top_p=top_p)
+  ref = sampling.sample_uncached(model, variables, key, 2, 8, temperature=temperature,
+                                 top_p=top_p)
+  assert cached.shape == (2, 8, Q)
+  np.testing.assert_array_equal(cached, ref)
+  assert len(np.unique(cached)) > 2                     # not a constant sequence
+
+
+def test_sliding_window_goes_past_the_context(model_and_variables):
+  model, variables = model_and_variables
+  done = []
+  codes = sampling.sample(model, variables, jax.random.PRNGKey(1), 1, 14, temperature=0.0,
+                          progress=done.append)
+  assert codes.shape == (1, 14, Q) and done == [8, 12, 14]
+  # Each window after the first sees the previous window's last C/2 frames as its prefix:
+  # frame 8's greedy code is what the uncached model gives for frames 4..7 as a new window.
+  window = jnp.zeros((1, 8, Q), jnp.int32).at[:, :4].set(codes[:, 4:8])
+  logits = model.apply(variables, window)[:, 4, 0]
+  assert int(jnp.argmax(logits[0])) == int(codes[0, 8, 0])
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  keys = jax.random.split(jax.random.PRNGKey(0), 200)
+  draw = lambda p: np.asarray(jax.vmap(lambda k: sampling.sample_logits(k, logits, 1.0, p))(
+      keys))
+  assert set(draw(0.7).tolist()) == {0, 1}             # 0.5 < 0.7 <= 0.8
+  assert set(draw(0.5).tolist()) == {0}
+  assert set(draw(0.81).tolist()) == {0, 1, 2}
+  assert int(sampling.sample_logits(keys[0], logits, 0.0, 0.9)[0]) == 0
+  # temperature divides: T = 0.5 squares the odds of code 0 over code 1
+  hot = jax.nn.softmax(logits / 0.5)
+  assert float(hot[0, 0] / hot[0, 1]) == pytest.approx((0.5 / 0.3) ** 2, rel=1e-4)
