@@ -52,9 +52,9 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
   keys = jax.random.split(jax.random.PRNGKey(0), 200)
   draw = lambda p: np.asarray(jax.vmap(lambda k: sampling.sample_logits(k, logits, 1.0, p))(
       keys))
-  assert set(draw(0.7).tolist()) == {0, 1}             # 0.5 < 0.7 <= 0.8
-  assert set(draw(0.5).tolist()) == {0}
-  assert set(draw(0.81).tolist()) == {0, 1, 2}
+  assert set(draw(0.7).ravel().tolist()) == {0, 1}             # 0.5 < 0.7 <= 0.8
+  assert set(draw(0.5).ravel().tolist()) == {0}
+  assert set(draw(0.81).ravel().tolist()) == {0, 1, 2}
   assert int(sampling.sample_logits(keys[0], logits, 0.0, 0.9)[0]) == 0
   # temperature divides: T = 0.5 squares the odds of code 0 over code 1
   hot = jax.nn.softmax(logits / 0.5)
