@@ -1,4 +1,4 @@
-"""Sampling codes from the RQ-Transformer prior with key/value caches, in a jitted lax.scan.
+"""Sampling codes from the RQ-Transformer prior with key/value caches, in one jitted loop.
 
 Per frame: one spatial step (the new frame's input attends to the cached keys/values of the
 earlier frames), then Q depth steps with a per-frame depth cache; nothing is re-run. Each
@@ -11,7 +11,9 @@ the first window generates C frames from the start vector; each next window keep
 C/2 frames as its prefix (re-encoded once at positions 0..C/2-1, one parallel prefill of
 the spatial cache) and generates C - C/2 new frames. So every frame sees between C/2 and
 C - 1 earlier frames, never positions the model was not trained on; the cost is one prefill
-per C/2 frames.
+per C/2 frames. Every window is the same program (a C-frame buffer, the prefix length, the
+frames to fill and the settings traced): it is compiled once per model and batch size, its
+frame loop (a fori_loop) and depth loop (a lax.scan) each traced once, nothing unrolled.
 
 Temperature divides the logits (0 = greedy, argmax); top-p keeps the smallest set of codes
 whose probability reaches p (at least the most likely one).
@@ -26,19 +28,24 @@ import numpy as np
 from rqvae_jax import prior as prior_lib
 
 
-def sample_logits(key, logits, temperature: float, top_p: float):
-  """Codes (B,) from logits (B, K): argmax when temperature == 0, else nucleus sampling."""
-  if temperature == 0:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits.astype(jnp.float32) / temperature
-  if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs          # mass of the more likely codes
-    kept = before < top_p                                 # always keeps the first
-    threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+def sample_logits(key, logits, temperature, top_p):
+  """Codes (B,) from logits (B, K): argmax when temperature == 0, else nucleus sampling.
+
+  `temperature` and `top_p` may be traced, so one compiled sampler serves every setting; a
+  Python 0 skips the sampling ops (the uncached reference)."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if isinstance(temperature, (int, float)) and temperature == 0:
+    return greedy
+  temperature = jnp.asarray(temperature, jnp.float32)
+  scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
+  sorted_logits = jnp.sort(scaled, axis=-1)[..., ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs            # mass of the more likely codes
+  kept = (before < top_p) | (top_p >= 1.0)                # always keeps the first
+  threshold = jnp.min(jnp.where(kept, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  scaled = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+  drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+  return jnp.where(temperature > 0, drawn, greedy)
 
 
 def code_key(key, frame, depth):
@@ -47,7 +54,8 @@ def code_key(key, frame, depth):
 
 def _frame(model, cfg, variables, key, prev, is_first, position, frame_index, caches,
            temperature, top_p):
-  """One frame: a spatial step, then Q cached depth steps. Returns (codes (B, Q), caches)."""
+  """One frame: a spatial step, then Q cached depth steps (a lax.scan over the depths, its
+  body traced once). Returns (codes (B, Q), caches)."""
   apply = functools.partial(model.apply, variables)
   h, caches = apply(prev, is_first, position, caches, method=model.spatial_step)
   batch = h.shape[0]
@@ -66,63 +74,69 @@ def _frame(model, cfg, variables, key, prev, is_first, position, frame_index, ca
   return codes.T, caches
 
 
+def _window_impl(model, variables, key, codes, start, end, offset, temperature, top_p):
+  """Fills frames start..end-1 of the window `codes` (B, C, Q), frames < start being the
+  given prefix; frame i of the window is frame offset + i of the sample (for the keys).
+
+  Every argument but the model is traced and the shape is always the context's, so one
+  program serves every window, length and setting (`sampling.compiled_windows` counts
+  them). The spatial cache is seeded by one parallel pass over the whole window: keys and
+  values at positions < start see only the prefix (causality); those from the padding are
+  overwritten by the step at their position before any step attends to them."""
+  cfg = model.config
+  _, caches = model.apply(variables, codes, method=model.spatial_prefill)
+
+  def body(t, carry):
+    codes, caches = carry
+    prev = jax.lax.dynamic_index_in_dim(codes, jnp.maximum(t - 1, 0), axis=1, keepdims=False)
+    frame, caches = _frame(model, cfg, variables, key, prev, t == 0, t, offset + t, caches,
+                           temperature, top_p)
+    return jax.lax.dynamic_update_index_in_dim(codes, frame, t, axis=1), caches
+
+  codes, _ = jax.lax.fori_loop(start, end, body, (codes, list(caches)))
+  return codes
+
+
 _COMPILED = {}
 
 
-def _window(model, variables, key, prefix, first_frame, *, num_new: int, temperature: float,
-            top_p: float):
-  """`_window_impl` jitted once per (model, length, settings): a Flax module holding a
-  ConfigDict is not hashable, so it cannot be a static argument."""
-  sig = (id(model), prefix.shape, num_new, float(temperature), float(top_p))
-  if sig not in _COMPILED:
-    _COMPILED[sig] = (model, jax.jit(functools.partial(
-        _window_impl, model, num_new=num_new, temperature=temperature, top_p=top_p)))
-  return _COMPILED[sig][1](variables, key, prefix, first_frame)
+def _window_fn(model):
+  """`_window_impl` jitted once per model (a Flax module holding a ConfigDict is not
+  hashable, so it cannot be a static argument); the model is kept alive with it."""
+  if id(model) not in _COMPILED:
+    _COMPILED[id(model)] = (model, jax.jit(functools.partial(_window_impl, model)))
+  return _COMPILED[id(model)][1]
 
 
-def _window_impl(model, variables, key, prefix, first_frame, *, num_new: int,
-                 temperature: float, top_p: float):
-  """Generates `num_new` frames after `prefix` (B, P, Q) (P may be 0); the prefix fills the
-  spatial cache at positions 0..P-1; `first_frame` is the absolute index of the first new
-  frame (for the keys). Returns (B, num_new, Q)."""
-  cfg = model.config
-  batch, p, q = prefix.shape
-  length = p + num_new
-  caches = prior_lib.empty_caches(cfg, cfg.spatial_layers, batch, length)
-  if p:         # positions 0..P-1: inputs start, frames 0..P-2 of the prefix, at once
-    _, kv = model.apply(variables, prefix, method=model.spatial_prefill)
-    caches = [(jax.lax.dynamic_update_slice(ck, k, (0, 0, 0, 0)),
-               jax.lax.dynamic_update_slice(cv, v, (0, 0, 0, 0)))
-              for (ck, cv), (k, v) in zip(caches, kv)]
-  prev0 = prefix[:, -1] if p else jnp.zeros((batch, q), jnp.int32)
-
-  def step(carry, position):
-    caches, prev = carry
-    codes, caches = _frame(model, cfg, variables, key, prev, position == 0, position,
-                           first_frame + position - p, caches, temperature, top_p)
-    return (caches, codes), codes
-
-  _, out = jax.lax.scan(step, (caches, prev0), jnp.arange(p, length))
-  return jnp.moveaxis(out, 0, 1)
+def compiled_windows(model) -> int:
+  """How many programs the sampler has compiled for `model` (1 after any number of calls
+  with one batch size)."""
+  return _window_fn(model)._cache_size()  # pylint: disable=protected-access
 
 
 def sample(model, variables, key, batch: int, num_frames: int, *, temperature: float = 1.0,
            top_p: float = 1.0, progress: Optional[Callable[[int], None]] = None) -> np.ndarray:
   """Codes (batch, num_frames, Q) from the prior, any length (sliding window past the
   context). `progress(n)` is called with the number of frames done after each window."""
+  if num_frames < 1 or batch < 1:
+    raise ValueError(f'Need batch >= 1 and num_frames >= 1, got {batch} and {num_frames}.')
+  if temperature < 0 or not 0 < top_p <= 1:
+    raise ValueError(f'Need temperature >= 0 (0 = greedy) and 0 < top_p <= 1, got '
+                     f'{temperature} and {top_p}.')
   context = int(model.config.context_frames)
   keep = context // 2
-  out = np.asarray(_window(model, variables, key, jnp.zeros((batch, 0, model.num_quantizers),
-                                                            jnp.int32), 0,
-                           num_new=min(context, num_frames), temperature=temperature,
-                           top_p=top_p))
-  if progress:
-    progress(out.shape[1])
+  window = _window_fn(model)
+  settings = (jnp.float32(temperature), jnp.float32(top_p))
+  buf = np.zeros((batch, context, model.num_quantizers), np.int32)
+  out = np.zeros((batch, 0, model.num_quantizers), np.int32)
   while out.shape[1] < num_frames:
-    new = min(context - keep, num_frames - out.shape[1])
-    part = _window(model, variables, key, jnp.asarray(out[:, -keep:]), out.shape[1],
-                   num_new=new, temperature=temperature, top_p=top_p)
-    out = np.concatenate([out, np.asarray(part)], axis=1)
+    prefix = min(keep, out.shape[1])
+    new = min(context - prefix, num_frames - out.shape[1])
+    buf[:] = 0
+    buf[:, :prefix] = out[:, out.shape[1] - prefix:]
+    codes = window(variables, key, jnp.asarray(buf), jnp.int32(prefix), jnp.int32(prefix + new),
+                   jnp.int32(out.shape[1] - prefix), *settings)
+    out = np.concatenate([out, np.asarray(codes)[:, prefix:prefix + new]], axis=1)
     if progress:
       progress(out.shape[1])
   return out

@@ -13,10 +13,12 @@ from tests.conftest import SMALL_GRAPH, smoke_config
 
 
 def codec_config(root):
-  """The smoke config, three conv blocks, no skips, 400-sample (16-frame) chunks (hop 25)."""
+  """The smoke config, three conv blocks, no skips, 400-sample (16-frame) chunks (hop 25),
+  encoded 16 chunks per call."""
   cfg = smoke_config(root, **{'model.skip_connections': False, **SMALL_GRAPH})
   cfg.variant = 'codec'
   cfg.inference.chunk_samples = 400
+  cfg.inference.batch_size = 16          # the ~550 chunks of the train split in 35 calls
   cfg.data.segment_samples = 2000
   return cfg
 

@@ -8,13 +8,15 @@ import pytest
 from configs.prior import get_config
 from rqvae_jax import prior, sampling
 
-Q, K, DC = 3, 16, 8
+# The smoke prior over the test codec's codes (tests/codec_fixture.py): the same program as
+# test_prior_training's generate step, so the session's compilation cache serves both.
+Q, K, DC, C = 3, 32, 16, 16
 
 
 @pytest.fixture(scope='module')
 def model_and_variables():
   cfg = get_config('smoke').transformer
-  cfg.context_frames = 8
+  assert cfg.context_frames == C
   model = prior.RQTransformer(cfg, Q, K, DC)
   params = jax.jit(lambda k: prior.init_params(model, k))(jax.random.PRNGKey(4))
   # larger output weights: peaked distributions, so greedy and top-p choices differ by code
@@ -26,10 +28,10 @@ def model_and_variables():
 def test_cached_sampling_equals_the_uncached_model(model_and_variables, temperature, top_p):
   model, variables = model_and_variables
   key = jax.random.PRNGKey(7)
-  cached = sampling.sample(model, variables, key, 2, 8, temperature=temperature, top_p=top_p)
-  ref = sampling.sample_uncached(model, variables, key, 2, 8, temperature=temperature,
+  cached = sampling.sample(model, variables, key, 2, C, temperature=temperature, top_p=top_p)
+  ref = sampling.sample_uncached(model, variables, key, 2, C, temperature=temperature,
                                  top_p=top_p)
-  assert cached.shape == (2, 8, Q)
+  assert cached.shape == (2, C, Q)
   np.testing.assert_array_equal(cached, ref)
   assert len(np.unique(cached)) > 2                     # not a constant sequence
 
@@ -37,14 +39,29 @@ def test_cached_sampling_equals_the_uncached_model(model_and_variables, temperat
 def test_sliding_window_goes_past_the_context(model_and_variables):
   model, variables = model_and_variables
   done = []
-  codes = sampling.sample(model, variables, jax.random.PRNGKey(1), 1, 14, temperature=0.0,
-                          progress=done.append)
-  assert codes.shape == (1, 14, Q) and done == [8, 12, 14]
+  codes = sampling.sample(model, variables, jax.random.PRNGKey(1), 2, 2 * C - 2,
+                          temperature=0.0, progress=done.append)
+  assert codes.shape == (2, 2 * C - 2, Q) and done == [C, C + C // 2, 2 * C - 2]
   # Each window after the first sees the previous window's last C/2 frames as its prefix:
-  # frame 8's greedy code is what the uncached model gives for frames 4..7 as a new window.
-  window = jnp.zeros((1, 8, Q), jnp.int32).at[:, :4].set(codes[:, 4:8])
-  logits = model.apply(variables, window)[:, 4, 0]
-  assert int(jnp.argmax(logits[0])) == int(codes[0, 8, 0])
+  # the greedy codes of the second window (frames C..3C/2-1) are what the uncached model
+  # gives, code by code, for frames C/2..C-1 as the start of a new window.
+  half = C // 2
+  window = jnp.zeros((2, C, Q), jnp.int32).at[:, :half].set(codes[:, half:C])
+  forward = jax.jit(lambda c: model.apply(variables, c))
+  for t in range(half, C):
+    for d in range(Q):
+      window = window.at[:, t, d].set(jnp.argmax(forward(window)[:, t, d], axis=-1))
+  np.testing.assert_array_equal(np.asarray(window[:, half:]), codes[:, C:C + half])
+  # One compiled program served every window, length and setting of this module.
+  assert sampling.compiled_windows(model) == 1
+
+
+def test_bad_settings_are_refused(model_and_variables):
+  model, variables = model_and_variables
+  with pytest.raises(ValueError, match='top_p'):
+    sampling.sample(model, variables, jax.random.PRNGKey(0), 1, 4, top_p=0.0)
+  with pytest.raises(ValueError, match='temperature'):
+    sampling.sample(model, variables, jax.random.PRNGKey(0), 1, 4, temperature=-1.0)
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
