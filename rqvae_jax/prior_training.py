@@ -62,12 +62,18 @@ def make_model(config, codec_config) -> prior_lib.RQTransformer:
 
 
 def create_state(config, model, codebooks, rng) -> PriorState:
-  init_rng, rng = jax.random.split(rng)
+  """The step-0 state, built in one jitted program (an eager Flax init and optimizer init
+  would compile every op on its own: seconds on this CPU)."""
   use = codebooks if config.transformer.embed_init == 'codebooks' else None
-  params = jax.jit(lambda r: prior_lib.init_params(model, r, use))(init_rng)
-  opt_state = training.make_optimizer(config.optim).init(params)
-  return PriorState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=opt_state,
-                    ema=jax.tree_util.tree_map(jnp.copy, params), rng=rng)
+
+  def make(rng, use):
+    init_rng, rng = jax.random.split(rng)
+    params = prior_lib.init_params(model, init_rng, use)
+    opt_state = training.make_optimizer(config.optim).init(params)
+    return PriorState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=opt_state,
+                      ema=jax.tree_util.tree_map(jnp.copy, params), rng=rng)
+
+  return jax.jit(make)(rng, use)
 
 
 def split_codes(codec: codec_lib.Codec, split: str, workdir: str) -> List[np.ndarray]:
@@ -135,24 +141,41 @@ def train_step(state: PriorState, codes, *, model, config):
 
 
 def nll_over(model, params, windows: np.ndarray, batch: int) -> np.ndarray:
-  """Per-depth mean NLL (nats) over windows (N, T, Q), in batches of `batch`."""
-  fn = _nll_fn(model)
+  """Per-depth mean NLL (nats) over windows (N, T, Q), in batches of `batch` (the last one
+  zero-padded and its padding dropped: one compiled program for every split)."""
+  fn = _jitted(model, None, 'nll')
   total = np.zeros(windows.shape[-1])
   for i in range(0, len(windows), batch):
     part = windows[i:i + batch]
-    total += np.asarray(fn(params, jnp.asarray(part))) * len(part)
+    full = np.concatenate([part, np.zeros((batch - len(part),) + part.shape[1:], part.dtype)])
+    total += np.asarray(fn(params, jnp.asarray(full)))[:len(part)].sum(axis=0)
   return total / len(windows)
 
 
-_NLL_FNS = {}
+def _window_nll(model, params, codes):
+  """(B, Q): each window's mean NLL per depth."""
+  logits = model.apply({'params': params}, codes)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.take_along_axis(logp, codes[..., None], axis=-1)[..., 0].mean(axis=1)
 
 
-def _nll_fn(model):
-  """The jitted per-depth NLL of one model (a Flax module with a ConfigDict is unhashable)."""
-  if id(model) not in _NLL_FNS:
-    _NLL_FNS[id(model)] = (model, jax.jit(
-        lambda p, c: prior_lib.nll(model.apply({'params': p}, c), c)[1]))
-  return _NLL_FNS[id(model)][1]
+_JITTED = {}
+
+
+def _jitted(model, config, kind: str):
+  """The jitted train step or window NLL of a model (and config), shared by the calls of a
+  process with equal settings, so a resumed run in the same process (the tests) traces and
+  compiles nothing again. Keyed by value: a Flax module with a ConfigDict is unhashable."""
+  key = (kind, model.config.to_json_best_effort(sort_keys=True), model.num_quantizers,
+         model.codebook_size, model.code_dim,
+         config.to_json_best_effort(sort_keys=True) if config is not None else None)
+  if key not in _JITTED:
+    if kind == 'train':
+      _JITTED[key] = jax.jit(functools.partial(train_step, model=model, config=config),
+                             donate_argnums=(0,))
+    else:
+      _JITTED[key] = jax.jit(functools.partial(_window_nll, model))
+  return _JITTED[key]
 
 
 def nll_summary(per_depth_nats: np.ndarray) -> Dict[str, Any]:
@@ -184,8 +207,7 @@ def train_prior(config: ml_collections.ConfigDict, workdir: str,
   length = int(config.transformer.context_frames)
   train_codes = split_codes(codec, 'train', workdir)
   val = eval_windows(split_codes(codec, 'validation', workdir), length, config.num_eval_windows)
-  step_fn = jax.jit(functools.partial(train_step, model=model, config=config),
-                    donate_argnums=(0,))
+  step_fn = _jitted(model, config, 'train')
   writer = metric_writers.create_default_writer(workdir)
   t0, history = time.time(), []
   for step in range(start + 1, config.num_train_steps + 1):

@@ -101,16 +101,19 @@ _COMPILED = {}
 
 
 def _window_fn(model):
-  """`_window_impl` jitted once per model (a Flax module holding a ConfigDict is not
-  hashable, so it cannot be a static argument); the model is kept alive with it."""
-  if id(model) not in _COMPILED:
-    _COMPILED[id(model)] = (model, jax.jit(functools.partial(_window_impl, model)))
-  return _COMPILED[id(model)][1]
+  """`_window_impl` jitted once per model architecture: keyed by value (a Flax module holding
+  a ConfigDict is not hashable, so it cannot be a static argument), so a model restored again
+  (generate after training, the tests) reuses the traced and compiled program."""
+  key = (model.config.to_json_best_effort(sort_keys=True), model.num_quantizers,
+         model.codebook_size, model.code_dim)
+  if key not in _COMPILED:
+    _COMPILED[key] = jax.jit(functools.partial(_window_impl, model))
+  return _COMPILED[key]
 
 
 def compiled_windows(model) -> int:
-  """How many programs the sampler has compiled for `model` (1 after any number of calls
-  with one batch size)."""
+  """How many programs the sampler holds for `model`'s architecture: one per batch size,
+  whatever the lengths, windows and settings sampled."""
   return _window_fn(model)._cache_size()  # pylint: disable=protected-access
 
 

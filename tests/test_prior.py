@@ -22,8 +22,9 @@ def test_changing_a_later_code_leaves_earlier_logits_exactly_unchanged():
   model = _model()
   rng = np.random.default_rng(0)
   codes = jnp.asarray(rng.integers(0, K, (2, T, Q)), jnp.int32)
-  params = prior.init_params(model, jax.random.PRNGKey(0),
-                             rng.standard_normal((Q, K, DC)).astype(np.float32))
+  codebooks = rng.standard_normal((Q, K, DC)).astype(np.float32)
+  # jitted: an eager Flax init compiles every op on its own (seconds)
+  params = jax.jit(lambda k: prior.init_params(model, k, codebooks))(jax.random.PRNGKey(0))
   apply = jax.jit(lambda c: model.apply({'params': params}, c))
   base = np.asarray(apply(codes))
   assert base.shape == (2, T, Q, K)
@@ -56,7 +57,7 @@ def test_prior_overfits_a_tiny_fixed_code_set():
   model = _model()
   rng = np.random.default_rng(2)
   codes = jnp.asarray(rng.integers(0, K, (4, T, Q)), jnp.int32)   # 144 random codes
-  params = prior.init_params(model, jax.random.PRNGKey(1))
+  params = jax.jit(lambda k: prior.init_params(model, k))(jax.random.PRNGKey(1))
   opt = optax.adam(3e-3)
   opt_state = opt.init(params)
 
