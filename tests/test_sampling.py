@@ -70,10 +70,11 @@ def test_bad_settings_are_refused(model_and_variables):
 def test_top_p_keeps_the_smallest_set_reaching_p():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   keys = jax.random.split(jax.random.PRNGKey(0), 200)
-  draw = lambda p: np.asarray(jax.vmap(lambda k: sampling.sample_logits(k, logits, 1.0, p))(
-      keys))
+  draws = jax.jit(lambda p: jax.vmap(lambda k: sampling.sample_logits(k, logits, 1.0, p))(keys))
+  draw = lambda p: np.asarray(draws(jnp.float32(p)))     # one program for every p
   assert set(draw(0.7).ravel().tolist()) == {0, 1}             # 0.5 < 0.7 <= 0.8
-  assert set(draw(0.5).ravel().tolist()) == {0}
+  # (not p = 0.5 itself: the mass before code 1 is 0.5 only up to float32 rounding)
+  assert set(draw(0.49).ravel().tolist()) == {0}
   assert set(draw(0.81).ravel().tolist()) == {0, 1, 2}
   assert int(sampling.sample_logits(keys[0], logits, 0.0, 0.9)[0]) == 0
   # temperature divides: T = 0.5 squares the odds of code 0 over code 1
