@@ -34,7 +34,7 @@ $(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-.PHONY: install test demo bench
+.PHONY: install test demo generate-demo bench
 install: $(VENV)/.installed
 
 test: install $(VENV)/.dev-installed
@@ -42,6 +42,10 @@ test: install $(VENV)/.dev-installed
 
 demo: install
 	$(PY) demo.py --workdir $(or $(WORKDIR),runs/demo)
+
+# codec + RQ-Transformer prior + samples on the synthetic set (README: Codec and prior)
+generate-demo: install
+	$(PY) generate_demo.py --workdir $(or $(WORKDIR),runs/generate_demo)
 
 bench: install
 	$(PY) -m benchmarks.run

@@ -2,15 +2,16 @@
 
 Usage: `--config configs/rqvae.py` (the published configuration) or
 `--config configs/rqvae.py:VARIANT` with VARIANT one of `paper`, `original`, `demo`,
-`cpu_hour`, `smoke`, and the original's baselines `vqvae` (one codebook) and `vae` (a Gaussian
-latent): the paper's model with its bottleneck swapped (`set_bottleneck`, README: Baselines).
+`cpu_hour`, `smoke`, `codec` (skips off, for the codec and the prior: README, Codec and
+prior), and the original's baselines `vqvae` (one codebook) and `vae` (a Gaussian latent):
+the paper's model with its bottleneck swapped (`set_bottleneck`, README: Baselines).
 Every constant of the model is a field here, including those where the paper and the original
 code disagree (`paper` follows the paper, `original` follows the released code).
 """
 import ml_collections
 
 STEMS = ('bass', 'drums', 'guitar', 'piano')
-VARIANTS = ('paper', 'original', 'demo', 'cpu_hour', 'smoke', 'vqvae', 'vae')
+VARIANTS = ('paper', 'original', 'demo', 'cpu_hour', 'smoke', 'codec', 'vqvae', 'vae')
 VQVAE_CODEBOOK_SIZE = 8092               # the released VQ-VAE; its search space: 512, 1024
 
 
@@ -200,7 +201,7 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
     q.dead_threshold = 1.0
     d.shift_augmentation = False           # the released config trains on a fixed 4 s grid
     o.early_stop_patience = 3
-  elif variant in ('demo', 'cpu_hour'):
+  elif variant in ('demo', 'cpu_hour', 'codec'):
     # Trains in minutes on a 2-core CPU and separates the synthetic set measurably: a
     # narrower bottleneck, 4 x 256 codes, 2 s training windows (evaluation keeps the 4 s
     # protocol; separation runs 2 s chunks with overlap-add), the cheap losses plus the
@@ -242,6 +243,15 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
       # with 200 training tracks the demo recipe's training SI-SDR ran ~2.5 dB above validation.
       d.remix_fraction = 0.5
       d.stem_gain_range = (0.5, 1.5)
+    if variant == 'codec':
+      # Codec mode (python -m rqvae_jax.codec, the RQ-Transformer prior): the demo's sizes
+      # with the paper's waveform decoder and no skips, so the codes are the whole
+      # representation and decode alone (the mask head masks the mixture's STFT and cannot).
+      m.output_head = 'waveform'
+      m.skip_connections = False
+      c.num_train_steps = 600
+      c.eval_every_steps = 200
+      c.checkpoint_every_steps = 200
   elif variant == 'vqvae':
     set_bottleneck(c, 'vq')                # sizes 512 / 1024: --config.model.quantizer.codebook_size
   elif variant == 'vae':
