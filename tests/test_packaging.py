@@ -149,7 +149,7 @@ def test_bundled_packages_in_a_clone_are_the_top_level_ones():
   import configs.rqvae
   assert bundled.data_module('slakh') is slakh
   assert bundled.configs_module() is configs.rqvae
-  assert bundled.config_names() == ['rqvae']
+  assert bundled.config_names() == ['prior', 'rqvae']   # RQ-VAE and the RQ-Transformer prior
   assert bundled.get_config('rqvae:smoke').variant == 'smoke'
   assert bundled.get_config(os.path.join(REPO, 'configs', 'rqvae.py') + ':demo').variant == 'demo'
   with pytest.raises(ValueError, match=r"'nonesuch' is neither a file nor a bundled config "
