@@ -153,7 +153,7 @@ def test_bundled_packages_in_a_clone_are_the_top_level_ones():
   assert bundled.get_config('rqvae:smoke').variant == 'smoke'
   assert bundled.get_config(os.path.join(REPO, 'configs', 'rqvae.py') + ':demo').variant == 'demo'
   with pytest.raises(ValueError, match=r"'nonesuch' is neither a file nor a bundled config "
-                                       r'\(names: rqvae\)'):
+                                       r'\(names: prior, rqvae\)'):
     bundled.resolve_config('nonesuch:demo')
 
 
