@@ -37,8 +37,12 @@ $(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
 .PHONY: install test demo generate-demo bench
 install: $(VENV)/.installed
 
+# The suite is mostly XLA compiles, each on one thread: one pytest worker per core
+# (pytest-xdist; TEST_WORKERS=0 runs it in this process).
+TEST_WORKERS ?= auto
+
 test: install $(VENV)/.dev-installed
-	JAX_PLATFORMS=$(TEST_PLATFORMS) $(PY) -m pytest -q tests
+	JAX_PLATFORMS=$(TEST_PLATFORMS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 demo: install
 	$(PY) demo.py --workdir $(or $(WORKDIR),runs/demo)

@@ -190,14 +190,20 @@ class Checkpointer:
           print(f'Removed unfinished checkpoint folders in {directory} (a save cut short by '
                 f'a crash or a full disk): {", ".join(removed)}.', file=sys.stderr)
     common = dict(enable_async_checkpointing=async_save, create=True)
+    # Each manager gets its own barrier names: with several processes both may save the same
+    # step at once, and Orbax names its commit barrier after the step alone, so without a
+    # prefix the second save finds "_async_write_complete.<step>" already in use and fails.
+    barriers = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
     self.latest = ocp.CheckpointManager(
         self.dirs['checkpoints'],
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, **common))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, multiprocessing_options=barriers('checkpoints'), **common))
     self.best = ocp.CheckpointManager(
         self.dirs['best'],
         options=ocp.CheckpointManagerOptions(
             max_to_keep=1, best_fn=lambda m: m['val_sisdri'], best_mode='max',
-            keep_checkpoints_without_metrics=False, **common))
+            keep_checkpoints_without_metrics=False,
+            multiprocessing_options=barriers('best'), **common))
     self._saving = {}        # manager name -> step of its last save, until checked
 
   @staticmethod

@@ -12,7 +12,15 @@ def _compilation_cache(tmp_path_factory):
   """Identical programs compiled by several tests (each train_and_evaluate call jits its own
   step) are compiled once."""
   from rqvae_jax import compilation_cache
-  path = os.environ.get('RQVAE_TEST_XLA_CACHE') or str(tmp_path_factory.mktemp('xla_cache'))
+  path = os.environ.get('RQVAE_TEST_XLA_CACHE')
+  if not path and os.environ.get('PYTEST_XDIST_WORKER'):
+    # pytest-xdist (make test: one worker per core): the workers' temporary folders share a
+    # parent, and one cache there lets a program compiled by one worker serve the others.
+    path = str(tmp_path_factory.getbasetemp().parent / 'xla_cache')
+    # A size limit turns on JAX's file lock around cache reads and writes (without one, a
+    # worker could read an entry another is still writing).
+    jax.config.update('jax_compilation_cache_max_size', 16 << 30)
+  path = path or str(tmp_path_factory.mktemp('xla_cache'))
   compilation_cache.enable(path)
   os.environ['RQVAE_JAX_CACHE'] = path   # subprocesses (CLI tests) share it
   yield
@@ -49,3 +57,12 @@ def smoke_run(tmp_path_factory):
   workdir = str(root / 'workdir')
   training.train_and_evaluate(cfg, workdir)
   return cfg, workdir
+
+
+def pytest_collection_modifyitems(config, items):
+  """Under pytest-xdist (make test: -n auto --dist loadgroup), every test that uses the
+  session's `smoke_run` goes to one worker, so that the run is trained once, not per worker."""
+  del config
+  for item in items:
+    if 'smoke_run' in getattr(item, 'fixturenames', ()):
+      item.add_marker(pytest.mark.xdist_group('smoke_run'))

@@ -507,3 +507,15 @@ def test_checkpointer_resolve_fallbacks(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'No checkpoint at step 3 .*available: \[2, 4\]'):
     ck.resolve(3)
   ck.close()
+
+
+def test_the_two_checkpoint_managers_use_distinct_barrier_names(tmp_path):
+  """With several processes, checkpoints/ and best/ often save the same step at once; Orbax
+  names its commit barriers after the step folder, so without distinct prefixes the second
+  save fails ('Barrier _async_write_complete.2 is already ongoing', seen in
+  tests/test_distributed.py on a loaded machine)."""
+  ck = ckpt_lib.Checkpointer(str(tmp_path / 'w'))
+  prefixes = [m._options.multiprocessing_options.barrier_sync_key_prefix   # pylint: disable=protected-access
+              for _, m in ck._managers()]                                  # pylint: disable=protected-access
+  assert all(prefixes) and len(set(prefixes)) == 2, prefixes
+  ck.close()
