@@ -17,9 +17,9 @@ def _compilation_cache(tmp_path_factory):
     # pytest-xdist (make test: one worker per core): the workers' temporary folders share a
     # parent, and one cache there lets a program compiled by one worker serve the others.
     path = str(tmp_path_factory.getbasetemp().parent / 'xla_cache')
-    # A size limit turns on JAX's file lock around cache reads and writes (without one, a
-    # worker could read an entry another is still writing).
-    jax.config.update('jax_compilation_cache_max_size', 16 << 30)
+    # No size limit (JAX's file lock comes with one, but its eviction scan then fails on the
+    # entries that the CLI subprocesses write without one). An entry read while another
+    # process still writes it fails to decompress, and JAX compiles instead (a warning).
   path = path or str(tmp_path_factory.mktemp('xla_cache'))
   compilation_cache.enable(path)
   os.environ['RQVAE_JAX_CACHE'] = path   # subprocesses (CLI tests) share it
