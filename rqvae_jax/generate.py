@@ -20,7 +20,6 @@ that is self-consistent even where it separates badly.
 """
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Dict, Optional, Sequence
@@ -95,8 +94,10 @@ def generate(workdir: str, seconds: float, num: int, out: str, *, temperature: f
   out = cli.check_output_dir(out)
   rate = codec.config.data.sample_rate
   per_chunk = codec.frames_per_chunk
-  frames = per_chunk * max(1, math.ceil(seconds * codec_lib.frames_per_second(codec.config)
-                                        / per_chunk))
+  # Whole codec chunks (the decoder's window), the nearest count: 4 s at the demo's 1.995 s
+  # chunks is 2 chunks (3.99 s), where rounding up gave 3 (5.99 s).
+  frames = per_chunk * max(1, round(seconds * codec_lib.frames_per_second(codec.config)
+                                    / per_chunk))
   with tqdm(total=frames * num, unit='frame', desc='sampling', file=sys.stderr) as bar:
     done = [0]
 
@@ -142,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='python -m rqvae_jax.generate',
                               description='Samples music from a trained prior (train_prior.py).')
   p.add_argument('--workdir', required=True, help='the prior\'s workdir')
-  p.add_argument('--seconds', type=float, default=8.0, help='length of each sample')
+  p.add_argument('--seconds', type=float, default=8.0,
+                 help='length of each sample, rounded to whole codec chunks (at least one)')
   p.add_argument('--num', type=int, default=4, help='number of samples')
   p.add_argument('--out', default='generated', help='output folder')
   p.add_argument('--temperature', type=float, default=None,
