@@ -974,6 +974,14 @@ def write_synthetic(settings: Settings, root: str, workers: Optional[int] = None
         print(f'synthetic: {done}/{len(jobs)} tracks ({done / (now - start):.1f} tracks/s)',
               file=sys.stderr, flush=True)
         last = now
+  except concurrent.futures.BrokenExecutor as e:   # BrokenProcessPool
+    # The usual cause: the generator's worker processes are spawned, and each re-imports the
+    # calling script, which (without a main guard) starts the work again and dies.
+    raise RuntimeError(
+        'Generating the synthetic set in worker processes failed: a worker died. If you '
+        'called this from your own script, put its top-level code under '
+        "`if __name__ == '__main__':` (the workers are spawned and import the script), or "
+        'generate the set once first: python -m data.synthetic (or pass workers=1).') from e
   finally:
     if pool is not None:
       pool.shutdown(wait=True, cancel_futures=True)

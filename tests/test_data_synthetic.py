@@ -219,3 +219,29 @@ def test_cli_generates_prints_the_root_and_reuses_it(tmp_path, capsys):
   before = _digest(root)
   synthetic.main(argv)
   assert capsys.readouterr().out.strip().splitlines()[-1] == root and _digest(root) == before
+
+
+def test_an_unguarded_script_gets_a_clear_error_not_a_broken_pool(tmp_path):
+  """The generator's workers are spawned and import the calling script; a script without a
+  main guard kills them. The error says what to do instead of 'BrokenProcessPool'."""
+  import subprocess
+  import sys
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = tmp_path / 'unguarded.py'
+  script.write_text(
+      'import sys\n'
+      f'sys.path.insert(0, {repo!r})\n'
+      'from configs.rqvae import get_config\n'
+      'from data import synthetic\n'
+      "cfg = get_config('smoke')\n"
+      f'cfg.data.synthetic.cache_dir = {str(tmp_path / "cache")!r}\n'
+      'cfg.data.synthetic.num_train = 8\n'
+      'synthetic.ensure_synthetic(cfg.data, workers=2)\n')
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        timeout=300, cwd=str(tmp_path))
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('RuntimeError: Generating the synthetic set in worker processes '
+                         'failed'), proc.stderr[-2000:]
+  assert "if __name__ == '__main__':" in last and 'python -m data.synthetic' in last
+  assert not [p for p in os.listdir(tmp_path / 'cache') if not p.startswith('.')]  # no half set
