@@ -42,7 +42,7 @@ install: $(VENV)/.installed
 TEST_WORKERS ?= auto
 
 test: install $(VENV)/.dev-installed
-	JAX_PLATFORMS=$(TEST_PLATFORMS) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	JAX_PLATFORMS=$(TEST_PLATFORMS) $(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 demo: install
 	$(PY) demo.py --workdir $(or $(WORKDIR),runs/demo)

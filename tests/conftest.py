@@ -57,21 +57,3 @@ def smoke_run(tmp_path_factory):
   workdir = str(root / 'workdir')
   training.train_and_evaluate(cfg, workdir)
   return cfg, workdir
-
-
-def pytest_collection_modifyitems(config, items):
-  """Under pytest-xdist (make test: -n auto --dist loadgroup), tests that share an expensive
-  fixture run on one worker, so that it is built once: every test that uses the session's
-  `smoke_run` in one group; otherwise the tests of a module that use one of its module-scoped
-  fixtures (tests/test_distributed.py's two- and one-process runs were built on both workers:
-  112 s + 164 s)."""
-  del config
-  for item in items:
-    names = getattr(item, 'fixturenames', ())
-    if 'smoke_run' in names:
-      item.add_marker(pytest.mark.xdist_group('smoke_run'))
-      continue
-    info = getattr(item, '_fixtureinfo', None)
-    defs = info.name2fixturedefs if info is not None else {}
-    if any(d and d[-1].scope == 'module' for n, d in defs.items() if n in names):
-      item.add_marker(pytest.mark.xdist_group(f'module:{item.module.__name__}'))
