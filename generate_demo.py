@@ -21,7 +21,7 @@ from absl import logging
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', 'runs/generate_demo', 'Where the codec, prior and samples go.')
 flags.DEFINE_integer('codec_steps', 0, 'Override the codec variant\'s training steps (0: keep).')
-# The prior's `cpu` recipe is 1500 steps; on a 2-core CPU that alone is ~45 min, so the demo
+# The prior's `cpu` recipe is 1500 steps; on a 2-core CPU that alone is ~28 min, so the demo
 # trains 300 (README: Codec and prior).
 flags.DEFINE_integer('prior_steps', 300, 'Prior training steps (0: the cpu variant\'s 1500).')
 
