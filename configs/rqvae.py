@@ -64,10 +64,13 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   m.skip_mode = 'add'                      # 'add' (paper) or 'gated' by the decoder's state
   m.output_kernel = 0                      # output layer taps; 0 = the first encoder kernel
   # 'waveform': the paper's transposed-conv decoder; 'mask': per-stem softmax masks on the
-  # mixture's STFT, one frame per latent frame (rqvae_jax/mask_head.py, README: Demo).
+  # mixture's STFT, one frame per latent frame (rqvae_jax/mask_head.py, README: Demo);
+  # 'spectrum': each stem's STFT magnitude from the codes alone, phase by Griffin-Lim
+  # (rqvae_jax/spectrum_head.py; codec mode, skips off).
   m.output_head = 'waveform'
-  m.mask_fft = 800                         # mask head STFT size: an even multiple of the hop 200
-  m.mask_hidden = 0                        # mask head BiLSTM/dense width; 0 = channels[-1]
+  m.mask_fft = 800                         # mask/spectrum STFT size: an even multiple of the hop
+  m.mask_hidden = 0                        # mask/spectrum head BiLSTM/dense width; 0 = channels[-1]
+  m.griffin_lim_iters = 32                 # spectrum head: phase iterations without a mixture
   m.mask_bin_features = 0                  # per-bin mask network width; 0 = off (mask_head.py)
   # 'rvq': the paper's residual VQ; 'vq': one codebook (the VQ-VAE baseline, num_quantizers
   # 1); 'gaussian': a per-frame Gaussian latent (the VAE baseline). rqvae_jax/bottleneck.py.
@@ -244,11 +247,14 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
       d.remix_fraction = 0.5
       d.stem_gain_range = (0.5, 1.5)
     if variant == 'codec':
-      # Codec mode (python -m rqvae_jax.codec, the RQ-Transformer prior): the demo's sizes
-      # with the paper's waveform decoder and no skips, so the codes are the whole
-      # representation and decode alone (the mask head masks the mixture's STFT and cannot).
-      m.output_head = 'waveform'
+      # Codec mode (python -m rqvae_jax.codec, the RQ-Transformer prior): the demo's sizes,
+      # no skips, so the codes are the whole representation and decode alone (the mask head
+      # masks the mixture's STFT and cannot). The head predicts magnitudes (README: Codec and
+      # prior): the paper's waveform decoder, trained so for 600 steps, output only a flat
+      # broadband noise (SI-SDR -42 dB); `--config.model.output_head=waveform` keeps it.
+      m.output_head = 'spectrum'
       m.skip_connections = False
+      l.stft_weight = 1.0                  # magnitudes are what Griffin-Lim will be given
       c.num_train_steps = 600
       c.eval_every_steps = 200
       c.checkpoint_every_steps = 200

@@ -34,8 +34,9 @@ from rqvae_jax.model import RQVAE, is_valid_length, latent_length, output_head
 
 
 def check_codec_config(config: ml_collections.ConfigDict) -> None:
-  """A codec needs the waveform head and no skips; the error says which variant has them."""
-  if output_head(config.model) != 'waveform':
+  """A codec decodes codes alone: no mask head (it needs the mixture) and no skips; the error
+  says which variant to train instead."""
+  if output_head(config.model) == 'mask':
     raise ValueError('This workdir\'s model has the mask head (model.output_head=\'mask\'): it '
                      'masks the mixture\'s spectrogram, so its codes cannot be decoded alone. '
                      'Train a codec: python train.py --config configs/rqvae.py:codec --workdir DIR.')
@@ -154,6 +155,25 @@ def sisdr_db(reference: np.ndarray, estimate: np.ndarray, eps: float = 1e-8) -> 
   a = (np.dot(est, ref) + eps) / (np.dot(ref, ref) + eps)
   target = a * ref
   return float(10 * np.log10((np.sum(target ** 2) + eps) / (np.sum((target - est) ** 2) + eps)))
+
+
+def log_mel_distance_db(reference: np.ndarray, estimate: np.ndarray, sample_rate: int,
+                        floor_db: float = -80.0) -> float:
+  """Mean |difference| (dB) of two signals' mel power spectrograms (1024-point, hop 256, 64
+  bands), both floored at `floor_db` below the reference's loudest cell.
+
+  Why beside SI-SDR: a codec whose phase is Griffin-Lim's (the spectrum head) can sound right
+  with an SI-SDR far below 0 dB, because SI-SDR compares waveforms sample by sample. This
+  compares what is heard: how much energy each band has in each frame. 0 for a copy, 6.02
+  for a copy at half the amplitude.
+  """
+  import librosa  # pylint: disable=g-import-not-at-top
+  mel = [librosa.feature.melspectrogram(y=np.asarray(x, np.float32), sr=sample_rate,
+                                        n_fft=1024, hop_length=256, n_mels=64)
+         for x in (reference, estimate)]
+  floor = np.max(mel[0]) * 10 ** (floor_db / 10) + 1e-20
+  ref_db, est_db = (10 * np.log10(np.maximum(m, floor)) for m in mel)
+  return float(np.mean(np.abs(ref_db - est_db)))
 
 
 def _encode_cmd(args) -> int:

@@ -35,6 +35,10 @@ def sqrt_hann(n_fft: int) -> np.ndarray:
 
 
 def _check(num_samples: int, n_fft: int, hop: int) -> int:
+  if hop % 2:
+    raise ValueError(f'The STFT heads need an even hop (the product of model.strides), got '
+                     f'{hop}: frames are centred on hop-long blocks with (n_fft - hop) / 2 '
+                     'samples each side.')
   if n_fft % hop or (n_fft // hop) % 2:
     raise ValueError(f'model.mask_fft ({n_fft}) must be an even multiple of the hop ({hop}, '
                      f'the product of model.strides), e.g. {4 * hop}.')

@@ -24,6 +24,7 @@ from rqvae_jax import bottleneck
 from rqvae_jax import mask_head
 from rqvae_jax.lstm import BiLSTM
 from rqvae_jax.mask_head import MaskDecoder
+from rqvae_jax.spectrum_head import SpectrumDecoder
 from rqvae_jax.quantizer import ResidualVQ
 
 
@@ -57,17 +58,24 @@ def is_valid_length(num_samples: int, model_config) -> bool:
     if blocks.conv_transpose_out_length(lengths[-1], k, s, model_config.padding) != target:
       return False
     lengths.append(target)
-  if output_head(model_config) == 'mask':     # STFT frames must coincide with latent frames
+  if output_head(model_config) in SPECTRAL_HEADS:   # STFT frames must coincide with latent frames
     hop = mask_head.hop_length(model_config)
     return num_samples % hop == 0 and lengths[len(model_config.kernels)] == num_samples // hop
   return True
 
 
+SPECTRAL_HEADS = ('mask', 'spectrum')      # heads that work on STFT frames = latent frames
+
+
 def output_head(model_config) -> str:
-  """'waveform' (the paper's transposed-conv decoder) or 'mask' (rqvae_jax.mask_head)."""
+  """'waveform' (the paper's transposed-conv decoder), 'mask' (rqvae_jax.mask_head) or
+  'spectrum' (rqvae_jax.spectrum_head: codes alone -> magnitudes, for codec mode)."""
   head = model_config.get('output_head', 'waveform')
-  if head not in ('waveform', 'mask'):
-    raise ValueError(f"model.output_head must be 'waveform' or 'mask', got {head!r}.")
+  if head not in ('waveform', 'mask', 'spectrum'):
+    raise ValueError(f"model.output_head must be 'waveform', 'mask' or 'spectrum', got {head!r}.")
+  if head == 'spectrum' and model_config.get('skip_connections', True):
+    raise ValueError("model.output_head='spectrum' decodes the codes alone (codec mode) and has "
+                     "no skip input: set model.skip_connections=False (configs/rqvae.py:codec).")
   return head
 
 
@@ -205,13 +213,18 @@ class RQVAE(nn.Module):
     else:
       self.gaussian = bottleneck.GaussianBottleneck(c.channels[-1], c.get('torch_init', False),
                                                     jnp.dtype(c.dtype))
-    self.decoder = MaskDecoder(c) if output_head(c) == 'mask' else Decoder(c)
+    decoders = {'mask': MaskDecoder, 'spectrum': SpectrumDecoder, 'waveform': Decoder}
+    self.decoder = decoders[output_head(c)](c)
 
   def _decode(self, z, skips, mixture, train: bool):
     """Stems on the raw scale from the decoder's latent input and the skips (or, for the
     mask head, the mixture whose spectrogram is masked; `skips` None = no spectral skip)."""
-    if output_head(self.config) == 'mask':
+    head = output_head(self.config)
+    if head == 'mask':
       return self.decoder(z, _mono(mixture), skips is not None, train)
+    if head == 'spectrum':    # the mixture lends its phase in training only
+      return denormalize(self.decoder(z, None if mixture is None else _mono(mixture), train),
+                         self.config)
     return denormalize(self.decoder(z, skips, train), self.config)
 
   def _bottleneck(self, z_e, train: bool):
@@ -288,6 +301,8 @@ class RQVAE(nn.Module):
                        'spectrogram: codes alone cannot be decoded; call the model on the '
                        'mixture, or use a waveform-head config for a codec.')
     z_q = self.quantizer.lookup(codes)
+    if output_head(self.config) == 'spectrum':
+      return self._decode(z_q, None, None, False)
     if self.config.skip_connections and skips is None:
       length = codes.shape[1]
       skips = self._zero_skips(codes.shape[0], length)

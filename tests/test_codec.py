@@ -64,12 +64,41 @@ def test_codes_file_round_trips_and_rejects_another_codec(tmp_path):
     codes_file.read(str(tmp_path / 'bad.rqc'))
 
 
+def test_log_mel_distance_is_zero_for_a_copy_and_6_db_for_half_the_amplitude():
+  rng = np.random.default_rng(6)
+  x = (0.1 * rng.standard_normal(22050)).astype(np.float32)
+  assert codec_lib.log_mel_distance_db(x, x, 22050) == pytest.approx(0.0, abs=1e-6)
+  assert codec_lib.log_mel_distance_db(x, 0.5 * x, 22050) == pytest.approx(
+      20 * np.log10(2), abs=1e-3)
+  # Phase-blind: another draw of the same white noise (a waveform correlation of ~0) is
+  # close; silence is as far as the floor allows (80 dB below the loudest cell).
+  other = (0.1 * rng.standard_normal(22050)).astype(np.float32)
+  assert 0.5 < codec_lib.log_mel_distance_db(x, other, 22050) < 6
+  assert 60 < codec_lib.log_mel_distance_db(x, np.zeros_like(x), 22050) <= 80
+
+
 def test_paper_bitrate_is_about_15_9_kbit():
   from configs.rqvae import get_config
   cfg = get_config('paper')
   cfg.inference.chunk_samples = 88200
   assert codec_lib.bitrate(cfg) == pytest.approx(110.25 * 12 * 12)     # 15876 bit/s
   assert codec_lib.bitrate(get_config('codec')) == pytest.approx(110.25 * 4 * 8)
+
+
+def test_a_spectrum_head_codec_decodes_what_its_forward_gives(tmp_path):
+  """The codec variant's head: magnitudes from the codes, Griffin-Lim phase in both paths."""
+  cfg = codec_fixture.codec_config(tmp_path)
+  cfg.model.kernels, cfg.model.strides = (3, 7, 6), (1, 5, 4)     # hop 20: 400 = 20 frames
+  cfg.model.output_head, cfg.model.mask_fft, cfg.model.griffin_lim_iters = 'spectrum', 80, 4
+  workdir = str(tmp_path / 'workdir')
+  codec_fixture.write_codec_workdir(cfg, workdir, seed=4)
+  codec = codec_lib.Codec.from_workdir(workdir, 'latest')
+  audio = (0.1 * np.random.default_rng(5).standard_normal(900)).astype(np.float32)
+  codes = codec.encode(audio)
+  assert codec.frames_per_chunk == 20 and codes.shape == (3 * 20, 3)
+  decoded, forward = codec.decode(codes, len(audio)), codec.forward(audio)
+  assert decoded.shape == forward.shape == (900, 4) and np.abs(forward).max() > 0
+  np.testing.assert_allclose(decoded, forward, atol=1e-5 * np.abs(forward).max())
 
 
 def test_codec_refuses_a_model_with_skips_or_the_mask_head():

@@ -28,6 +28,8 @@ def test_stft_matches_numpy_framing_and_inverts_exactly(n_fft, hop):
 
 
 def test_stft_rejects_misaligned_sizes():
+  with pytest.raises(ValueError, match='even hop'):
+    mask_head.stft(np.zeros((1, 100), np.float32), 100, 25)
   with pytest.raises(ValueError, match='even multiple of the hop'):
     mask_head.stft(np.zeros((1, 800), np.float32), 600, 200)
   with pytest.raises(ValueError, match='multiple of the hop 200'):
@@ -70,7 +72,7 @@ def test_mask_model_stems_sum_to_the_mixture(skips):
 def test_mask_head_lengths_must_align_with_frames():
   config = _mask_model()
   assert not is_valid_length(10100, config.model)      # maps back, but not a multiple of 200
-  with pytest.raises(ValueError, match="'waveform' or 'mask'"):
+  with pytest.raises(ValueError, match="'waveform', 'mask' or 'spectrum'"):
     bad = _mask_model()
     bad.model.output_head = 'spectral'
     is_valid_length(10000, bad.model)
