@@ -81,6 +81,41 @@ def istft(spec, n_fft: int, hop: int):
   return out[:, pad:pad + frames_count * hop]
 
 
+def latent_aligned_stft(mixture, z, n_fft: int, hop: int):
+  """The mixture's STFT (B, T, F), checked to have the latent's T frames."""
+  spec = stft(mixture.astype(jnp.float32), n_fft, hop)
+  if spec.shape[1] != z.shape[1]:
+    raise ValueError(f'{spec.shape[1]} STFT frames vs {z.shape[1]} latent frames: the STFT '
+                     'heads need a length the encoder maps to length / hop frames.')
+  return spec
+
+
+def trunk_width(model_config) -> int:
+  """Width of the STFT heads' BiLSTM and dense: `model.mask_hidden`, 0 = the latent's."""
+  return model_config.get('mask_hidden', 0) or model_config.channels[-1]
+
+
+def trunk_input(model_config, z, dtype):
+  """The latent (B, T, D), projected to the trunk's width when that differs (`latent_in`).
+  Called inside a head's compact `__call__`, so its layers are that head's."""
+  x = z.astype(dtype)
+  hidden = trunk_width(model_config)
+  if hidden != z.shape[-1]:
+    x = nn.Dense(hidden, dtype=dtype, name='latent_in')(x)
+  return x
+
+
+def frame_trunk(model_config, x, train: bool, dtype):
+  """The STFT heads' shared trunk over latent frames: BiLSTM (`lstm`), dense (`fc`), GELU.
+  Called inside a head's compact `__call__`, so its layers are that head's."""
+  c = model_config
+  hidden = trunk_width(c)
+  x = BiLSTM(hidden, c.lstm_layers, c.dropout, c.lstm_impl, dtype, name='lstm')(x, train)
+  x = nn.Dense(hidden, dtype=dtype, name='fc',
+               **blocks.dense_init(x.shape[-1], c.get('torch_init', False)))(x)
+  return nn.gelu(x)
+
+
 class MaskDecoder(nn.Module):
   """Quantized latent (B, T, D) [+ the mixture's log-magnitude frames] -> stems (B, N, S)."""
   config: Any
@@ -90,23 +125,15 @@ class MaskDecoder(nn.Module):
     c = self.config
     dtype = jnp.dtype(c.dtype)
     n_fft, hop = c.mask_fft, hop_length(c)
-    spec = stft(mixture.astype(jnp.float32), n_fft, hop)        # (B, T, F)
-    if spec.shape[1] != z.shape[1]:
-      raise ValueError(f'{spec.shape[1]} STFT frames vs {z.shape[1]} latent frames: the mask '
-                       'head needs a length the encoder maps to length / hop frames.')
-    hidden = c.get('mask_hidden', 0) or c.channels[-1]
-    x = z.astype(dtype)
-    if hidden != z.shape[-1]:
-      x = nn.Dense(hidden, dtype=dtype, name='latent_in')(x)
+    spec = latent_aligned_stft(mixture, z, n_fft, hop)           # (B, T, F)
+    hidden = trunk_width(c)
+    x = trunk_input(c, z, dtype)
     logmag = None
     if use_spectrogram:
       logmag = jnp.log(jnp.abs(spec) + 1e-4)
       logmag = nn.LayerNorm(dtype=dtype, name='spec_norm')(logmag.astype(dtype))
       x = x + nn.Dense(hidden, dtype=dtype, name='spec_in')(logmag)
-    x = BiLSTM(hidden, c.lstm_layers, c.dropout, c.lstm_impl, dtype, name='lstm')(x, train)
-    x = nn.Dense(hidden, dtype=dtype, name='fc',
-                 **blocks.dense_init(x.shape[-1], c.get('torch_init', False)))(x)
-    x = nn.gelu(x)
+    x = frame_trunk(c, x, train, dtype)
     bins = spec.shape[-1]
     logits = nn.Dense(c.num_stems * bins, dtype=dtype, name='mask')(x)
     logits = logits.reshape(*x.shape[:2], c.num_stems, bins)

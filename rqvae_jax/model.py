@@ -37,6 +37,9 @@ def denormalize(audio, model_config):
   return audio * model_config.norm_scale + model_config.norm_offset
 
 
+SPECTRAL_HEADS = ('mask', 'spectrum')      # heads that work on STFT frames = latent frames
+
+
 def latent_length(num_samples: int, model_config) -> int:
   """Number of latent frames for `num_samples` input samples (441 for 4 s in the paper)."""
   length = num_samples
@@ -62,9 +65,6 @@ def is_valid_length(num_samples: int, model_config) -> bool:
     hop = mask_head.hop_length(model_config)
     return num_samples % hop == 0 and lengths[len(model_config.kernels)] == num_samples // hop
   return True
-
-
-SPECTRAL_HEADS = ('mask', 'spectrum')      # heads that work on STFT frames = latent frames
 
 
 def output_head(model_config) -> str:
@@ -299,7 +299,7 @@ class RQVAE(nn.Module):
     if output_head(self.config) == 'mask':
       raise ValueError('A mask-head model (model.output_head = \'mask\') masks the mixture\'s '
                        'spectrogram: codes alone cannot be decoded; call the model on the '
-                       'mixture, or use a waveform-head config for a codec.')
+                       'mixture, or train a codec (configs/rqvae.py:codec).')
     z_q = self.quantizer.lookup(codes)
     if output_head(self.config) == 'spectrum':
       return self._decode(z_q, None, None, False)

@@ -21,9 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rqvae_jax import blocks
-from rqvae_jax.lstm import BiLSTM
-from rqvae_jax.mask_head import hop_length, istft, stft
+from rqvae_jax.mask_head import (frame_trunk, hop_length, istft, latent_aligned_stft, stft,
+                                 trunk_input)
 
 
 def griffin_lim(magnitude, n_fft: int, hop: int, iterations: int, momentum: float = 0.99,
@@ -67,27 +66,17 @@ class SpectrumDecoder(nn.Module):
     dtype = jnp.dtype(c.dtype)
     n_fft, hop = c.mask_fft, hop_length(c)
     bins = n_fft // 2 + 1
-    hidden = c.get('mask_hidden', 0) or c.channels[-1]
-    x = z.astype(dtype)
-    if hidden != z.shape[-1]:
-      x = nn.Dense(hidden, dtype=dtype, name='latent_in')(x)
-    x = BiLSTM(hidden, c.lstm_layers, c.dropout, c.lstm_impl, dtype, name='lstm')(x, train)
-    x = nn.Dense(hidden, dtype=dtype, name='fc',
-                 **blocks.dense_init(x.shape[-1], c.get('torch_init', False)))(x)
-    x = nn.gelu(x)
+    x = frame_trunk(c, trunk_input(c, z, dtype), train, dtype)
     log_magnitude = nn.Dense(c.num_stems * bins, dtype=dtype, name='log_magnitude')(x)
     log_magnitude = log_magnitude.reshape(*x.shape[:2], c.num_stems, bins).astype(jnp.float32)
     # exp of a clipped value: a wild logit early in training cannot overflow the ISTFT.
-    magnitude = jnp.exp(jnp.clip(log_magnitude, -30.0, 10.0))           # (B, T, S, F)
-    magnitude = jnp.moveaxis(magnitude, 2, 1).reshape(-1, *magnitude.shape[1:2], bins)
+    magnitude = jnp.exp(jnp.clip(log_magnitude, -30.0, 10.0))
+    magnitude = jnp.moveaxis(magnitude, 2, 1)                           # (B, S, T, F)
     if train and mixture is not None:
-      phase = stft(mixture.astype(jnp.float32), n_fft, hop)
-      if phase.shape[1] != z.shape[1]:
-        raise ValueError(f'{phase.shape[1]} STFT frames vs {z.shape[1]} latent frames: the '
-                         'spectrum head needs a length the encoder maps to length / hop frames.')
-      unit = phase / (jnp.abs(phase) + 1e-8)
-      unit = jnp.repeat(unit[:, None], c.num_stems, axis=1).reshape(magnitude.shape)
-      stems = istft(magnitude * unit, n_fft, hop)
+      spec = latent_aligned_stft(mixture, z, n_fft, hop)
+      phase = (spec / (jnp.abs(spec) + 1e-8))[:, None]                  # (B, 1, T, F)
+      stems = istft((magnitude * phase).reshape(-1, *magnitude.shape[2:]), n_fft, hop)
     else:
-      stems = griffin_lim(magnitude, n_fft, hop, int(c.get('griffin_lim_iters', 32)))
+      stems = griffin_lim(magnitude.reshape(-1, *magnitude.shape[2:]), n_fft, hop,
+                          int(c.get('griffin_lim_iters', 32)))
     return jnp.moveaxis(stems.reshape(z.shape[0], c.num_stems, -1), 1, 2)
