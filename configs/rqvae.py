@@ -72,6 +72,7 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   m.mask_hidden = 0                        # mask/spectrum head BiLSTM/dense width; 0 = channels[-1]
   m.griffin_lim_iters = 32                 # spectrum head: phase iterations without a mixture
   m.mask_bin_features = 0                  # per-bin mask network width; 0 = off (mask_head.py)
+  m.mask_bin_layers = 0                    # residual (time x frequency) convs in it, dilated 1, 2, 4.. in frequency
   # 'rvq': the paper's residual VQ; 'vq': one codebook (the VQ-VAE baseline, num_quantizers
   # 1); 'gaussian': a per-frame Gaussian latent (the VAE baseline). rqvae_jax/bottleneck.py.
   m.bottleneck = 'rvq'

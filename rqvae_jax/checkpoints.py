@@ -69,6 +69,7 @@ ABSENT_MEANS = {
     ('loss', 'stft_weight'): 0.0,       # no STFT term before the field
     ('model', 'mask_hidden'): 0,        # the mask head was channels[-1] wide before the field
     ('model', 'mask_bin_features'): 0,  # and had no per-bin network
+    ('model', 'mask_bin_layers'): 0,    # nor convolutions inside it
     ('data', 'remix_fraction'): 0.0,    # no remixing augmentation before the field
     ('data', 'stem_gain_range'): (1.0, 1.0),
 }

@@ -137,31 +137,41 @@ class MaskDecoder(nn.Module):
     bins = spec.shape[-1]
     logits = nn.Dense(c.num_stems * bins, dtype=dtype, name='mask')(x)
     logits = logits.reshape(*x.shape[:2], c.num_stems, bins)
-    features = c.get('mask_bin_features', 0)
-    if features:
-      logits = logits + self._per_bin_logits(x, logmag, bins, features, dtype)
+    if c.get('mask_bin_features', 0):
+      logits = logits + per_bin_logits(c, x, logmag, bins, dtype)
     logits = logits.astype(jnp.float32)
     masks = nn.softmax(logits, axis=2)                           # (B, T, S, F), sums to 1
     stems = istft(jnp.moveaxis(masks * spec[:, :, None], 2, 1).reshape(-1, *spec.shape[1:]),
                   n_fft, hop)
     return jnp.moveaxis(stems.reshape(spec.shape[0], c.num_stems, -1), 1, 2)
 
-  def _per_bin_logits(self, x, logmag, bins: int, features: int, dtype):
-    """(B, T, S, F) logits from a small per-bin network: the frame state, expanded to
-    `features` values per bin, plus the mixture's local spectral shape (a 3 x 5 conv over
-    time and frequency of the log-magnitude), through a GELU and a dense to the stems.
 
-    Why: the single dense from the frame state gives masks of rank <= its width, a poor fit
-    for harmonic combs at arbitrary pitches; here each bin's decision also sees whether that
-    bin is a spectral peak and how it moves, so masks can follow individual partials.
-    """
-    c = self.config
-    state = nn.Dense(bins * features, dtype=dtype, name='bin_state')(x)
-    state = state.reshape(*x.shape[:2], bins, features)
-    if logmag is not None:
-      local = nn.Conv(features, (3, 5), padding='SAME', dtype=dtype, name='bin_local')(
-          logmag[..., None])
-      state = state + local
-    out = nn.Dense(c.num_stems, dtype=dtype, name='bin_out',
-                   kernel_init=nn.initializers.zeros)(nn.gelu(state))   # starts as a no-op
-    return jnp.moveaxis(out, -1, 2)
+def per_bin_logits(model_config, x, logmag, bins: int, dtype):
+  """(B, T, S, F) logits from a small per-bin network: the frame state, expanded to
+  `features` values per bin, plus the mixture's local spectral shape (a 3 x 5 conv over
+  time and frequency of the log-magnitude), through a GELU and a dense to the stems.
+
+  Called inside a head's compact `__call__`, so its layers are that head's.
+
+  Why: the single dense from the frame state gives masks of rank <= its width, a poor fit
+  for harmonic combs at arbitrary pitches; here each bin's decision also sees whether that
+  bin is a spectral peak and how it moves, so masks can follow individual partials.
+  """
+  c = model_config
+  features = c.mask_bin_features
+  state = nn.Dense(bins * features, dtype=dtype, name='bin_state')(x)
+  state = state.reshape(*x.shape[:2], bins, features)
+  if logmag is not None:
+    local = nn.Conv(features, (3, 5), padding='SAME', dtype=dtype, name='bin_local')(
+        logmag[..., None])
+    state = state + local
+  for i in range(c.get('mask_bin_layers', 0)):
+    # Residual convolutions over (time, frequency), dilated along frequency 1, 2, 4, ...:
+    # a partial's neighbours a harmonic spacing away (7+ bins for a 200 Hz note) and the
+    # note's onset and decay over a few frames come into each bin's view.
+    step = nn.Conv(features, (3, 3), kernel_dilation=(1, 2 ** i), padding='SAME',
+                   dtype=dtype, name=f'bin_conv{i}')(nn.gelu(state))
+    state = state + step
+  out = nn.Dense(c.num_stems, dtype=dtype, name='bin_out',
+                 kernel_init=nn.initializers.zeros)(nn.gelu(state))   # starts as a no-op
+  return jnp.moveaxis(out, -1, 2)

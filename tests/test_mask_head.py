@@ -1,5 +1,6 @@
 """The spectral-mask output head: STFT framing against NumPy, exact inversion, stems that sum
 to the mixture, lengths aligned with the latent, and the errors it raises."""
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -120,3 +121,39 @@ def test_wider_head_and_per_bin_network_keep_the_mixture_and_start_as_a_no_op():
 
   grads = jax.grad(energy_of_first_stem)(variables['params'])
   assert float(np.abs(grads['decoder']['bin_out']['kernel']).max()) > 0
+
+
+def test_per_bin_convolutions_reach_the_dilated_neighbourhood_exactly():
+  """`mask_bin_layers` stacks residual 3 x 3 convs dilated 1, 2, ... in frequency after the
+  3 x 5 local conv: a change of the mixture's log-magnitude at one (frame, bin) moves the
+  per-bin logits exactly within frames +-3 and bins +-(2 + 1 + 2) for two layers, and
+  nowhere else (the frame state is held fixed)."""
+  config = _mask_model()
+  config.model.mask_bin_features = 3
+  config.model.mask_bin_layers = 2
+  frames, bins, hidden = 12, 40, 8
+
+  class PerBin(nn.Module):
+    @nn.compact
+    def __call__(self, x, logmag):
+      return mask_head.per_bin_logits(config.model, x, logmag, bins, np.float32)
+
+  net = PerBin()
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((1, frames, hidden)).astype(np.float32)
+  logmag = rng.standard_normal((1, frames, bins)).astype(np.float32)
+  params = net.init(jax.random.PRNGKey(0), x, logmag)['params']
+  assert params['bin_conv0']['kernel'].shape == (3, 3, 3, 3)
+  assert params['bin_conv1']['kernel'].shape == (3, 3, 3, 3)
+  assert 'bin_conv2' not in params
+  # The output layer starts at zero (a no-op); give it weights so the logits show the reach.
+  params['bin_out']['kernel'] = jax.numpy.asarray(rng.standard_normal((3, 4)), np.float32)
+  apply = lambda lm: np.asarray(net.apply({'params': params}, x, lm))
+  base = apply(logmag)
+  assert base.shape == (1, frames, 4, bins)
+  poked = logmag.copy()
+  poked[0, 6, 20] += 5.0
+  moved = np.abs(apply(poked) - base).max(axis=(0, 2)) > 1e-6      # (frames, bins)
+  expected = np.zeros((frames, bins), bool)
+  expected[6 - 3:6 + 4, 20 - 5:20 + 6] = True
+  np.testing.assert_array_equal(moved, expected)
