@@ -243,6 +243,12 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
       # the demo's head at 500 steps, at 0.80x / 0.89x its speed (README: Demo).
       m.mask_hidden = 256
       m.mask_bin_features = 8
+      # Four residual (time x frequency) convs in the per-bin network, dilated 1, 2, 4, 8 in
+      # frequency, with gradients clipped to norm 1 (without the clip a step-500 spike cost
+      # 1.6 dB of validation): test 7.67 vs 7.41, piano above its all-zero figure, at 0.75x
+      # the speed (README: Demo, An hour on the CPU).
+      m.mask_bin_layers = 4
+      o.grad_clip_norm = 1.0
       # Half of each batch remixed across examples, stem gains 0.5-1.5 (rqvae_jax/augment.py):
       # with 200 training tracks the demo recipe's training SI-SDR ran ~2.5 dB above validation.
       d.remix_fraction = 0.5
