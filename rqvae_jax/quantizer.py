@@ -43,11 +43,30 @@ def squared_distances(x: jax.Array, codebook: jax.Array, dtype=jnp.float32) -> j
   return x2 - 2.0 * cross + c2
 
 
+def first_argmin(values: jax.Array, group: int = 64) -> jax.Array:
+  """`jnp.argmin(values, axis=-1)` for (N, K) finite values, exactly (the first index of the
+  minimum; a row with NaN gets some index in [0, K), as XLA's CPU min skips NaN), in cheap passes: the minimum of each group of `group` columns (a plain min
+  reduction), the argmin over those N x K/group minima, then the argmin inside the one group
+  each row chose.
+
+  Why: XLA's CPU argmin is a (value, index) reduction that runs ~2x slower than a min over
+  the same (882, 4096) distances (README: Performance); here the full-size pass is the fast
+  min and only 1/group of the columns go through an index-returning reduction.
+  """
+  n, k = values.shape
+  if k % group or k < 2 * group:
+    return jnp.argmin(values, axis=-1)
+  groups = values.reshape(n, k // group, group)
+  chosen = jnp.argmin(jnp.min(groups, axis=-1), axis=-1)           # first group with the min
+  inside = jnp.take_along_axis(groups, chosen[:, None, None], axis=1)[:, 0]
+  return chosen * group + jnp.argmin(inside, axis=-1)              # first index inside it
+
+
 def nearest_code(x: jax.Array, codebook: jax.Array, dtype=jnp.float32) -> jax.Array:
   """Index of the nearest code for each row of x (the ||x||^2 term does not change argmin)."""
   cross = jnp.dot(x.astype(dtype), codebook.astype(dtype).T, preferred_element_type=jnp.float32)
   c2 = jnp.sum(jnp.square(codebook.astype(jnp.float32)), axis=-1)
-  return jnp.argmin(c2 - 2.0 * cross, axis=-1).astype(jnp.int32)
+  return first_argmin(c2 - 2.0 * cross).astype(jnp.int32)
 
 
 def xavier_normal(key, shape, dtype=jnp.float32):
@@ -144,7 +163,7 @@ def _assign(frames: jax.Array, centroids: jax.Array, chunk: int = 4096):
 
   def one(block):
     dist = squared_distances(block, centroids)
-    idx = jnp.argmin(dist, axis=-1)
+    idx = first_argmin(dist)
     return idx.astype(jnp.int32), jnp.maximum(jnp.take_along_axis(dist, idx[:, None], 1)[:, 0], 0)
 
   idx, dist = jax.lax.map(one, padded)

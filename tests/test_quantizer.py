@@ -25,6 +25,37 @@ def test_nearest_code_matches_brute_force():
   np.testing.assert_allclose(dist, ((x[:, None, :] - cb[None]) ** 2).sum(-1), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('k', [256, 4096, 192, 96])
+def test_first_argmin_equals_argmin_with_ties_and_nans(k):
+  """The grouped argmin (groups of 64; 96 is not a multiple and takes the plain path) returns
+  NumPy's argmin exactly: the first index of the minimum, ties across and within groups
+  included; a NaN row (a diverged model) still gets an index inside the codebook."""
+  rng = np.random.default_rng(k)
+  values = rng.integers(0, 40, size=(300, k)).astype(np.float32)   # many exact ties
+  values[0] = 7.0                                   # all equal: index 0
+  values[1, [5, k - 1]] = -1.0                      # tie across groups: the first
+  values[2, [70, 71]] = -3.0                        # tie inside one group
+  values[3, k - 1] = -5.0                           # the last column
+  expected = np.argmin(values, axis=-1)
+  got = np.asarray(jax.jit(qz.first_argmin)(jnp.asarray(values)))
+  np.testing.assert_array_equal(got, expected)
+  values[4, 100 % k] = np.nan
+  assert 0 <= int(jax.jit(qz.first_argmin)(jnp.asarray(values))[4]) < k
+  assert got[0] == 0 and got[1] == 5 and got[3] == k - 1
+
+
+def test_nearest_code_with_a_grouped_codebook_matches_brute_force():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(300, 16)).astype(np.float32)
+  cb = rng.normal(size=(512, 16)).astype(np.float32)
+  cb[300] = cb[20]                                  # a duplicated code: the first one wins
+  x[:5] = cb[20]
+  brute = np.argmin(((x[:, None, :] - cb[None]) ** 2).sum(-1), axis=1)
+  got = np.asarray(qz.nearest_code(x, cb))
+  np.testing.assert_array_equal(got, brute)
+  assert (got[:5] == 20).all()
+
+
 def test_stage_codes_and_quantized_sum_match_numpy_residual_loop():
   vq = _vq()
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 8))
