@@ -263,8 +263,8 @@ for n in (1, 2):
 
 def test_two_devices_match_one_device(tmp_path):
   # One process with two fake CPU devices runs the step on a 1-device and a 2-device mesh.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2')
   out = tmp_path / 'params'
   script = _TWO_DEVICES.format(repo=REPO, out=str(out), small_graph=SMALL_GRAPH)
   proc = subprocess.run([sys.executable, '-c', script],
