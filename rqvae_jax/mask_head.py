@@ -148,8 +148,9 @@ class MaskDecoder(nn.Module):
 
 def per_bin_logits(model_config, x, logmag, bins: int, dtype):
   """(B, T, S, F) logits from a small per-bin network: the frame state, expanded to
-  `features` values per bin, plus the mixture's local spectral shape (a 3 x 5 conv over
-  time and frequency of the log-magnitude), through a GELU and a dense to the stems.
+  `model.mask_bin_features` values per bin, plus the mixture's local spectral shape (a 3 x 5
+  conv over time and frequency of the log-magnitude), then `model.mask_bin_layers` residual
+  convolutions, through a GELU and a dense to the stems.
 
   Called inside a head's compact `__call__`, so its layers are that head's.
 

@@ -45,9 +45,9 @@ def squared_distances(x: jax.Array, codebook: jax.Array, dtype=jnp.float32) -> j
 
 def first_argmin(values: jax.Array, group: int = 64) -> jax.Array:
   """`jnp.argmin(values, axis=-1)` for (N, K) finite values, exactly (the first index of the
-  minimum; a row with NaN gets some index in [0, K), as XLA's CPU min skips NaN), in cheap passes: the minimum of each group of `group` columns (a plain min
-  reduction), the argmin over those N x K/group minima, then the argmin inside the one group
-  each row chose.
+  minimum; a row with NaN gets some index in [0, K), as XLA's CPU min skips NaN), in cheap
+  passes: the minimum of each group of `group` columns (a plain min reduction), the argmin
+  over those N x K/group minima, then the argmin inside the one group each row chose.
 
   Why: XLA's CPU argmin is a (value, index) reduction that runs ~2x slower than a min over
   the same (882, 4096) distances (README: Performance); here the full-size pass is the fast
