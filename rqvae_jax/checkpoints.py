@@ -11,14 +11,17 @@ training calls after every step, as a `CheckpointSaveError` naming the folder an
 space; the earlier checkpoints stay. The unfinished temporary folders a crash or a failed
 save leaves are removed when training starts (`remove_unfinished`).
 """
+import dataclasses
 import json
 import os
 import shutil
 import sys
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 CONFIG_FILE = 'config.json'
 TMP_MARK = '.orbax-checkpoint-tmp'       # in the names of Orbax's unfinished save folders
@@ -70,6 +73,9 @@ ABSENT_MEANS = {
     ('model', 'mask_hidden'): 0,        # the mask head was channels[-1] wide before the field
     ('model', 'mask_bin_features'): 0,  # and had no per-bin network
     ('model', 'mask_bin_layers'): 0,    # nor convolutions inside it
+    ('model', 'mask_bin_dilate_time'): False,
+    ('optim', 'param_ema_decay'): 0.0,  # no average of the weights
+    ('inference', 'use_ema_params'): True,
     ('data', 'remix_fraction'): 0.0,    # no remixing augmentation before the field
     ('data', 'stem_gain_range'): (1.0, 1.0),
 }
@@ -169,6 +175,21 @@ def remove_unfinished(directory: str) -> List[str]:
     else:
       os.remove(path)
   return removed
+
+
+def _fields_not_saved(manager, step: int, abstract_state) -> List[str]:
+  """Top-level fields of a dataclass state that the checkpoint of `step` does not hold."""
+  if not dataclasses.is_dataclass(abstract_state):
+    return []
+  # Read from the step's folder: a reader's manager has no handler for 'state' before its
+  # first restore, so manager.item_metadata would not describe it.
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    tree = handler.metadata(epath.Path(str(manager.directory)) / str(step) / 'state')
+  finally:
+    handler.close()
+  keys = set(getattr(tree, 'tree', tree).keys())
+  return [f.name for f in dataclasses.fields(abstract_state) if f.name not in keys]
 
 
 class Checkpointer:
@@ -282,11 +303,32 @@ class Checkpointer:
     return manager, step
 
   def restore(self, which: Union[str, int], abstract_state):
-    """Returns (state, meta, step)."""
+    """Returns (state, meta, step).
+
+    A checkpoint saved before a state field existed (e.g. `params_ema`) restores when the
+    field is a scalar placeholder in `abstract_state` (the feature is off for that run's
+    config): the field is filled with zeros. A missing field that should hold weights is a
+    clear error, not a structure mismatch.
+    """
     manager, step = self.resolve(which)
+    missing = _fields_not_saved(manager, step, abstract_state)
+    target = abstract_state
+    if missing:
+      wanted = [n for n in missing if getattr(getattr(abstract_state, n), 'shape', None) != ()]
+      if wanted:
+        raise ValueError(
+            f'The checkpoint of step {step} in {self.workdir} has no {", ".join(wanted)}: it '
+            'was saved by a run without it (an earlier version, or the option off). Restore '
+            'it with the option off (e.g. --config.optim.param_ema_decay=0).')
+      target = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(
+          abstract_state) if f.name not in missing}
     out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    return out.state, out.meta, step
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+    state = out.state
+    if missing:
+      zeros = {n: jnp.zeros((), getattr(abstract_state, n).dtype) for n in missing}
+      state = abstract_state.replace(**state, **zeros)
+    return state, out.meta, step
 
   def wait(self) -> None:
     """Waits for the saves in progress; a failed one raises CheckpointSaveError."""

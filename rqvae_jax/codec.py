@@ -82,7 +82,9 @@ class Codec:
     checkpointer = ckpt_lib.Checkpointer(workdir)
     state, _, step = checkpointer.restore(checkpoint, abstract)
     checkpointer.close()
-    return cls(config, state.variables(use_ema=bool(config.inference.use_ema_codebooks)), step)
+    variables = state.variables(use_ema=bool(config.inference.use_ema_codebooks),
+                                param_ema=bool(config.inference.use_ema_params))
+    return cls(config, variables, step)
 
   def _chunks(self, audio: np.ndarray) -> np.ndarray:
     n = len(audio)

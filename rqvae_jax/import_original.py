@@ -116,6 +116,7 @@ def build_state(config: ml_collections.ConfigDict, variables: Mapping, step: int
                                             abstract.codebook_stats),
       opt_state=training.make_optimizer(config.optim).init(params),
       codebook_ema=jnp.asarray(ema_codebooks if ema_codebooks is not None else codebooks),
+      params_ema=training.initial_params_ema(config, params),
       rng=jax.random.split(jax.random.PRNGKey(config.seed))[1], lr_scale=f32(1.0),
       last_val=f32(-jnp.inf), best_val=f32(-jnp.inf), bad_evals=jnp.asarray(0, jnp.int32),
       nan_skips=jnp.asarray(0, jnp.int32))

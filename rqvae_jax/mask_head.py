@@ -150,7 +150,8 @@ def per_bin_logits(model_config, x, logmag, bins: int, dtype):
   """(B, T, S, F) logits from a small per-bin network: the frame state, expanded to
   `model.mask_bin_features` values per bin, plus the mixture's local spectral shape (a 3 x 5
   conv over time and frequency of the log-magnitude), then `model.mask_bin_layers` residual
-  convolutions, through a GELU and a dense to the stems.
+  convolutions (dilated 1, 2, 4.. in frequency, and in time too with
+  `model.mask_bin_dilate_time`), through a GELU and a dense to the stems.
 
   Called inside a head's compact `__call__`, so its layers are that head's.
 
@@ -166,11 +167,15 @@ def per_bin_logits(model_config, x, logmag, bins: int, dtype):
     local = nn.Conv(features, (3, 5), padding='SAME', dtype=dtype, name='bin_local')(
         logmag[..., None])
     state = state + local
+  dilate_time = bool(c.get('mask_bin_dilate_time', False))
   for i in range(c.get('mask_bin_layers', 0)):
     # Residual convolutions over (time, frequency), dilated along frequency 1, 2, 4, ...:
     # a partial's neighbours a harmonic spacing away (7+ bins for a 200 Hz note) and the
-    # note's onset and decay over a few frames come into each bin's view.
-    step = nn.Conv(features, (3, 3), kernel_dilation=(1, 2 ** i), padding='SAME',
+    # note's onset and decay over a few frames come into each bin's view; with
+    # `model.mask_bin_dilate_time` also along time (+-16 frames, ~150 ms, after four layers:
+    # a struck note's decay vs a sustained one's) at the same cost.
+    step = nn.Conv(features, (3, 3), kernel_dilation=(2 ** i if dilate_time else 1, 2 ** i),
+                   padding='SAME',
                    dtype=dtype, name=f'bin_conv{i}')(nn.gelu(state))
     state = state + step
   out = nn.Dense(c.num_stems, dtype=dtype, name='bin_out',

@@ -63,7 +63,8 @@ class Separator:
     checkpointer = ckpt_lib.Checkpointer(workdir)
     state, _, step = checkpointer.restore(checkpoint, abstract)
     checkpointer.close()
-    variables = state.variables(use_ema=bool(config.inference.use_ema_codebooks))
+    variables = state.variables(use_ema=bool(config.inference.use_ema_codebooks),
+                                param_ema=bool(config.inference.use_ema_params))
     return cls.from_variables(config, variables, step)
 
   @classmethod

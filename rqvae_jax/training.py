@@ -43,6 +43,8 @@ class TrainState:
   opt_state: Any
   codebook_ema: jax.Array        # EMA of params['quantizer']['codebooks'], used to validate
   #                                (a Gaussian bottleneck has no codebooks: a placeholder 0)
+  params_ema: Any                # Polyak average of params (optim.param_ema_decay > 0) for
+  #                                validation and separation; off: a placeholder 0
   rng: jax.Array
   lr_scale: jax.Array            # plateau schedule: multiplied by plateau_factor on a plateau
   last_val: jax.Array            # validation SI-SDRi at the previous evaluation
@@ -50,9 +52,13 @@ class TrainState:
   bad_evals: jax.Array           # consecutive evaluations without improvement (early stop)
   nan_skips: jax.Array           # updates skipped because the loss or a gradient was not finite
 
-  def variables(self, use_ema: bool = False) -> Dict[str, Any]:
-    """The model's variables; with `use_ema` the codebooks are their EMA (for validation)."""
+  def variables(self, use_ema: bool = False, param_ema: bool = True) -> Dict[str, Any]:
+    """The model's variables. With `use_ema` (validation, separation) the codebooks are
+    their EMA and, where the run keeps one and `param_ema`, the other weights are their
+    Polyak average."""
     params = self.params
+    if use_ema and param_ema and keeps_param_ema(self):
+      params = self.params_ema
     if use_ema and 'codebooks' in params.get('quantizer', {}):
       params = {**params, 'quantizer': {**params['quantizer'], 'codebooks': self.codebook_ema}}
     return {'params': params, 'batch_stats': self.batch_stats, qz.STATS: self.codebook_stats}
@@ -106,9 +112,30 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
       codebook_stats=variables.get(qz.STATS, {}),
       opt_state=make_optimizer(config.optim).init(params),
       codebook_ema=jnp.copy(params['quantizer']['codebooks']) if codes else f32(0.0),
-      rng=state_rng, lr_scale=f32(1.0),
+      params_ema=initial_params_ema(config, params), rng=state_rng, lr_scale=f32(1.0),
       last_val=f32(-jnp.inf), best_val=f32(-jnp.inf), bad_evals=jnp.asarray(0, jnp.int32),
       nan_skips=jnp.asarray(0, jnp.int32))
+
+
+def keeps_param_ema(state) -> bool:
+  """Whether `state.params_ema` holds weights (not the scalar placeholder of a run without)."""
+  return getattr(state.params_ema, 'shape', None) != ()
+
+
+def initial_params_ema(config: ml_collections.ConfigDict, params) -> Any:
+  """The Polyak average's start: a copy of `params`, or the placeholder 0 when it is off."""
+  if config.optim.get('param_ema_decay', 0.0) > 0:
+    return jax.tree_util.tree_map(jnp.copy, params)
+  return jnp.asarray(0.0, jnp.float32)
+
+
+def update_params_ema(params_ema, params, step, decay: float):
+  """One step of the weights' Polyak average: decay min(`decay`, (1 + t) / (10 + t)) at step t
+  (TensorFlow's ExponentialMovingAverage with num_updates), so early in a run the average
+  follows the fast-moving weights (it spans ~t / 9 steps) instead of the initialisation."""
+  t = step.astype(jnp.float32)
+  d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+  return jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, params_ema, params)
 
 
 def codebook_summaries(counts, usage, threshold) -> Dict[str, jax.Array]:
@@ -155,8 +182,9 @@ def train_step(state: TrainState, batch: jax.Array, *, config: ml_collections.Co
   params = optax.apply_updates(state.params, jax.tree_util.tree_map(lambda u: -lr * u, updates))
 
   if not bottleneck.has_codes(config.model):    # Gaussian: no codebooks, usage or restarts
-    return _finish_step(state, loss, grad_norm, parts, lr, params, new_vars['batch_stats'],
-                        state.codebook_stats, opt_state, state.codebook_ema, rng, {})
+    return _finish_step(config, state, loss, grad_norm, parts, lr, params,
+                        new_vars['batch_stats'], state.codebook_stats, opt_state,
+                        state.codebook_ema, rng, {})
   codebooks = params['quantizer']['codebooks']
   usage = new_vars[qz.STATS]['quantizer']['usage']
   ema = qcfg.codebook_ema_decay * state.codebook_ema + (1 - qcfg.codebook_ema_decay) * codebooks
@@ -179,16 +207,21 @@ def train_step(state: TrainState, batch: jax.Array, *, config: ml_collections.Co
   codes_out = {'restarted_codes': jnp.where(finite, restarted, 0)}
   codes_out.update(codebook_summaries(aux['counts'], jnp.where(finite, usage, state.codebook_stats[
       'quantizer']['usage']), qcfg.dead_threshold))
-  return _finish_step(state, loss, grad_norm, parts, lr, params, new_vars['batch_stats'],
-                      codebook_stats, opt_state, ema, rng, codes_out)
+  return _finish_step(config, state, loss, grad_norm, parts, lr, params,
+                      new_vars['batch_stats'], codebook_stats, opt_state, ema, rng, codes_out)
 
 
-def _finish_step(state, loss, grad_norm, parts, lr, params, batch_stats, codebook_stats,
-                 opt_state, ema, rng, codes_out):
+def _finish_step(config, state, loss, grad_norm, parts, lr, params, batch_stats,
+                 codebook_stats, opt_state, ema, rng, codes_out):
   """The NaN/inf guard (a non-finite loss or gradient keeps the old state and counts the
-  skip), the next state and the step's metrics (`codes_out`: the codebook ones)."""
+  skip), the weights' Polyak average, the next state and the step's metrics (`codes_out`:
+  the codebook ones)."""
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
+  params_ema = state.params_ema
+  if keeps_param_ema(state):
+    params_ema = pick(update_params_ema(state.params_ema, params, state.step,
+                                        config.optim.param_ema_decay), state.params_ema)
   new_state = state.replace(
       step=state.step + 1,
       params=pick(params, state.params),
@@ -196,7 +229,7 @@ def _finish_step(state, loss, grad_norm, parts, lr, params, batch_stats, codeboo
       codebook_stats=pick(codebook_stats, state.codebook_stats),
       opt_state=pick(opt_state, state.opt_state),
       codebook_ema=pick(ema, state.codebook_ema),
-      rng=rng,
+      params_ema=params_ema, rng=rng,
       nan_skips=state.nan_skips + (~finite).astype(jnp.int32))
   out = {**{f'loss/{k}': v for k, v in parts.items()}, 'grad_norm': grad_norm, 'lr': lr,
          'skipped': (~finite).astype(jnp.float32), **codes_out}
@@ -266,6 +299,7 @@ def kmeans_initialize(state: TrainState, mixtures: np.ndarray,
                                        stages=qcfg.kmeans_stages, num_iters=qcfg.kmeans_iters,
                                        seeding=qcfg.kmeans_seeding)
   params = {**state.params, 'quantizer': {**state.params['quantizer'], 'codebooks': codebooks}}
+  # params_ema keeps its codebooks: they are never used (the EMA variables take codebook_ema).
   return state.replace(params=params, codebook_ema=jnp.copy(codebooks), rng=rng,
                        opt_state=make_optimizer(config.optim).init(params))
 

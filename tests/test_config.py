@@ -48,12 +48,16 @@ def test_cpu_hour_workdir_saved_before_the_wider_mask_head_loads_as_it_was_train
   cfg = get_config('cpu_hour')
   assert cfg.model.mask_hidden > cfg.model.channels[-1] and cfg.model.mask_bin_features > 0
   assert cfg.model.mask_bin_layers > 0
+  assert cfg.model.mask_bin_dilate_time and cfg.optim.param_ema_decay > 0
   ckpt_lib.save_config(str(tmp_path), cfg)
   path = tmp_path / ckpt_lib.CONFIG_FILE
   saved = json.loads(path.read_text())
   del saved['model']['mask_hidden'], saved['model']['mask_bin_features']
-  del saved['model']['mask_bin_layers']
+  del saved['model']['mask_bin_layers'], saved['model']['mask_bin_dilate_time']
+  del saved['optim']['param_ema_decay'], saved['inference']['use_ema_params']
   path.write_text(json.dumps(saved))
   loaded = ckpt_lib.load_config(str(tmp_path))
   assert (loaded.model.mask_hidden, loaded.model.mask_bin_features) == (0, 0)
   assert loaded.model.mask_bin_layers == 0
+  assert loaded.model.mask_bin_dilate_time is False and loaded.optim.param_ema_decay == 0.0
+  assert loaded.inference.use_ema_params is True

@@ -123,14 +123,17 @@ def test_wider_head_and_per_bin_network_keep_the_mixture_and_start_as_a_no_op():
   assert float(np.abs(grads['decoder']['bin_out']['kernel']).max()) > 0
 
 
-def test_per_bin_convolutions_reach_the_dilated_neighbourhood_exactly():
+@pytest.mark.parametrize('dilate_time, reach_frames', [(False, 3), (True, 4)])
+def test_per_bin_convolutions_reach_the_dilated_neighbourhood_exactly(dilate_time, reach_frames):
   """`mask_bin_layers` stacks residual 3 x 3 convs dilated 1, 2, ... in frequency after the
   3 x 5 local conv: a change of the mixture's log-magnitude at one (frame, bin) moves the
-  per-bin logits exactly within frames +-3 and bins +-(2 + 1 + 2) for two layers, and
-  nowhere else (the frame state is held fixed)."""
+  per-bin logits exactly within bins +-(2 + 1 + 2) for two layers and frames +-(1 + 1 + 1),
+  or +-(1 + 1 + 2) with `mask_bin_dilate_time`, and nowhere else (the frame state is held
+  fixed)."""
   config = _mask_model()
   config.model.mask_bin_features = 3
   config.model.mask_bin_layers = 2
+  config.model.mask_bin_dilate_time = dilate_time
   frames, bins, hidden = 12, 40, 8
 
   class PerBin(nn.Module):
@@ -155,5 +158,5 @@ def test_per_bin_convolutions_reach_the_dilated_neighbourhood_exactly():
   poked[0, 6, 20] += 5.0
   moved = np.abs(apply(poked) - base).max(axis=(0, 2)) > 1e-6      # (frames, bins)
   expected = np.zeros((frames, bins), bool)
-  expected[6 - 3:6 + 4, 20 - 5:20 + 6] = True
+  expected[6 - reach_frames:6 + reach_frames + 1, 20 - 5:20 + 6] = True
   np.testing.assert_array_equal(moved, expected)

@@ -519,3 +519,58 @@ def test_the_two_checkpoint_managers_use_distinct_barrier_names(tmp_path):
               for _, m in ck._managers()]                                  # pylint: disable=protected-access
   assert all(prefixes) and len(set(prefixes)) == 2, prefixes
   ck.close()
+
+
+def test_polyak_average_of_the_weights_follows_its_formula_and_feeds_validation(step_fn):
+  """With optim.param_ema_decay on, each step sets params_ema <- d * params_ema + (1 - d) *
+  params with d = min(decay, (1 + t) / (10 + t)) at step t (NumPy check over every leaf);
+  variables(use_ema=True) then holds the average (codebooks: the codebook EMA), and
+  param_ema=False or use_ema=False the raw weights. Off, the field is a scalar placeholder."""
+  cfg, _ = step_fn
+  cfg = cfg.copy_and_resolve_references()
+  cfg.optim.param_ema_decay = 0.5
+  step = jax.jit(functools.partial(training.train_step, config=cfg))
+  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  assert training.keeps_param_ema(state)
+  batch = _batch(cfg)
+  ema = jax.tree_util.tree_map(np.asarray, state.params_ema)
+  for t in range(12):
+    state, _ = step(state, batch)
+    d = min(0.5, (1.0 + t) / (10.0 + t))
+    ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * np.asarray(p), ema,
+                                 state.params)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         jax.tree_util.tree_map(np.asarray, state.params_ema), ema)
+  v = state.variables(use_ema=True)
+  enc = lambda p: np.asarray(jax.tree_util.tree_leaves(p['encoder'])[0])
+  np.testing.assert_allclose(enc(v['params']), enc(ema), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(enc(v['params']), enc(state.params))     # the average differs
+  np.testing.assert_array_equal(v['params']['quantizer']['codebooks'], state.codebook_ema)
+  for raw in (state.variables(use_ema=True, param_ema=False), state.variables()):
+    np.testing.assert_array_equal(enc(raw['params']), enc(state.params))
+  off = training.create_train_state(step_fn[0], jax.random.PRNGKey(0))
+  assert not training.keeps_param_ema(off) and off.params_ema.shape == ()
+
+
+def test_checkpoint_saved_before_params_ema_restores_with_it_off(tmp_path, step_fn):
+  """A TrainState saved before the params_ema field existed (its other fields only) restores
+  into today's state with the field a zero placeholder; asked for weights it cannot give
+  (the average on), the restore names the field and the fix."""
+  cfg, _ = step_fn
+  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  old = {f: getattr(state, f) for f in state.__dataclass_fields__ if f != 'params_ema'}
+  ck = ckpt_lib.Checkpointer(str(tmp_path / 'w'))
+  ck.save(3, old, {'step': 3})
+  ck.wait()
+  ck.close()
+  ck = ckpt_lib.Checkpointer(str(tmp_path / 'w'))        # a reader, as eval and separate are
+  abstract = jax.eval_shape(lambda: training.create_train_state(cfg, jax.random.PRNGKey(0)))
+  restored, meta, step = ck.restore('latest', abstract)
+  assert step == 3 and meta['step'] == 3 and float(restored.params_ema) == 0.0
+  np.testing.assert_array_equal(restored.codebook_ema, state.codebook_ema)
+  on = cfg.copy_and_resolve_references()
+  on.optim.param_ema_decay = 0.99
+  abstract_on = jax.eval_shape(lambda: training.create_train_state(on, jax.random.PRNGKey(0)))
+  with pytest.raises(ValueError, match=r'no params_ema.*param_ema_decay=0'):
+    ck.restore('latest', abstract_on)
+  ck.close()
