@@ -89,12 +89,14 @@ def _fill_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
   `ABSENT_MEANS`, whose earlier behaviour is not today's default (absent `model.torch_init`
   means False: that run's dense layers had Flax's init). Saved values always win.
   """
+  if 'model' not in saved:               # not an RQ-VAE config (the prior's): as saved
+    return saved
+  saved = _absent_means(saved)
   from rqvae_jax import bundled  # pylint: disable=g-import-not-at-top
   rqvae = bundled.configs_module()
   variant = saved.get('variant', 'paper')
-  if variant not in rqvae.VARIANTS:      # another family (the prior's): its own fields only
+  if variant not in rqvae.VARIANTS:
     return saved
-  saved = _absent_means(saved)
 
   def merge(default, override):
     out = dict(default)

@@ -528,6 +528,7 @@ def test_polyak_average_of_the_weights_follows_its_formula_and_feeds_validation(
   param_ema=False or use_ema=False the raw weights. Off, the field is a scalar placeholder."""
   cfg, _ = step_fn
   cfg = cfg.copy_and_resolve_references()
+  cfg.update_from_flattened_dict(SMALL_GRAPH)    # a plumbing check: half the graph to compile
   cfg.optim.param_ema_decay = 0.5
   step = jax.jit(functools.partial(training.train_step, config=cfg))
   state = training.create_train_state(cfg, jax.random.PRNGKey(0))
@@ -548,7 +549,7 @@ def test_polyak_average_of_the_weights_follows_its_formula_and_feeds_validation(
   np.testing.assert_array_equal(v['params']['quantizer']['codebooks'], state.codebook_ema)
   for raw in (state.variables(use_ema=True, param_ema=False), state.variables()):
     np.testing.assert_array_equal(enc(raw['params']), enc(state.params))
-  off = training.create_train_state(step_fn[0], jax.random.PRNGKey(0))
+  off = training.create_train_state(step_fn[0], jax.random.PRNGKey(0))   # decay 0: off
   assert not training.keeps_param_ema(off) and off.params_ema.shape == ()
 
 
