@@ -82,9 +82,7 @@ class Codec:
     checkpointer = ckpt_lib.Checkpointer(workdir)
     state, _, step = checkpointer.restore(checkpoint, abstract)
     checkpointer.close()
-    variables = state.variables(use_ema=bool(config.inference.use_ema_codebooks),
-                                param_ema=bool(config.inference.use_ema_params))
-    return cls(config, variables, step)
+    return cls(config, state.inference_variables(config.inference), step)
 
   def _chunks(self, audio: np.ndarray) -> np.ndarray:
     n = len(audio)

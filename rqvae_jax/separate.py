@@ -63,9 +63,7 @@ class Separator:
     checkpointer = ckpt_lib.Checkpointer(workdir)
     state, _, step = checkpointer.restore(checkpoint, abstract)
     checkpointer.close()
-    variables = state.variables(use_ema=bool(config.inference.use_ema_codebooks),
-                                param_ema=bool(config.inference.use_ema_params))
-    return cls.from_variables(config, variables, step)
+    return cls.from_variables(config, state.inference_variables(config.inference), step)
 
   @classmethod
   def from_variables(cls, config, variables, step: int = 0) -> 'Separator':

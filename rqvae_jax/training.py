@@ -63,6 +63,12 @@ class TrainState:
       params = {**params, 'quantizer': {**params['quantizer'], 'codebooks': self.codebook_ema}}
     return {'params': params, 'batch_stats': self.batch_stats, qz.STATS: self.codebook_stats}
 
+  def inference_variables(self, inference: ml_collections.ConfigDict) -> Dict[str, Any]:
+    """The variables separation and the codec run with, as the config's `inference` section
+    chooses them (`use_ema_codebooks`, `use_ema_params`)."""
+    return self.variables(use_ema=bool(inference.use_ema_codebooks),
+                          param_ema=bool(inference.use_ema_params))
+
 
 def config_hash(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]

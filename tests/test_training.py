@@ -549,6 +549,13 @@ def test_polyak_average_of_the_weights_follows_its_formula_and_feeds_validation(
   np.testing.assert_array_equal(v['params']['quantizer']['codebooks'], state.codebook_ema)
   for raw in (state.variables(use_ema=True, param_ema=False), state.variables()):
     np.testing.assert_array_equal(enc(raw['params']), enc(state.params))
+  # What separate and the codec restore: the config's inference section picks the same.
+  inference = cfg.inference.copy_and_resolve_references()
+  np.testing.assert_array_equal(enc(state.inference_variables(inference)['params']),
+                                enc(v['params']))
+  inference.use_ema_params = False
+  np.testing.assert_array_equal(enc(state.inference_variables(inference)['params']),
+                                enc(state.params))
   off = training.create_train_state(step_fn[0], jax.random.PRNGKey(0))   # decay 0: off
   assert not training.keeps_param_ema(off) and off.params_ema.shape == ()
 
