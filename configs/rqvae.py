@@ -187,6 +187,11 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   i.in_flight = 2                          # device calls at once (2 keeps both CPU cores busy)
   i.use_ema_codebooks = True               # separate with the EMA codebooks (as validated)
   i.use_ema_params = True                  # and the weights' average, where the run kept one
+  # Demucs' shift trick: average this many passes, the first as is, the others over the song
+  # delayed by seeded random amounts up to 0.5 s (moving the chunk grid and, with the mask
+  # head, the STFT frame grid). N times the work. Evaluation (track mode) and the separate
+  # command (its --shifts) use it; validation during training separates once.
+  i.shifts = 1
 
   e = c.eval = ml_collections.ConfigDict()
   e.mode = 'track'                         # 'track': separate whole tracks, score windows (MSDM)
@@ -240,7 +245,7 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
     if variant == 'cpu_hour':
       # The demo's recipe, a wider head and remixing, for about an hour of this 2-core CPU
       # (README: Demo), validated on 48 windows every 250 steps (workdir/val_sisdri.png).
-      c.num_train_steps = 3000
+      c.num_train_steps = 3300
       c.eval_every_steps = 250
       c.checkpoint_every_steps = 500
       c.num_eval_batches = 8

@@ -76,6 +76,7 @@ ABSENT_MEANS = {
     ('model', 'mask_bin_dilate_time'): False,
     ('optim', 'param_ema_decay'): 0.0,  # no average of the weights
     ('inference', 'use_ema_params'): True,
+    ('inference', 'shifts'): 1,         # one separation pass before the field
     ('data', 'remix_fraction'): 0.0,    # no remixing augmentation before the field
     ('data', 'stem_gain_range'): (1.0, 1.0),
 }

@@ -177,11 +177,13 @@ def overlap_add_stream(separate_fn: Callable[..., np.ndarray], blocks: Iterable[
 
 def overlap_add(separate_fn: Callable[..., np.ndarray], mixture: np.ndarray, chunk: int,
                 overlap: float, batch_size: int, progress=None, in_flight: int = 1,
-                pass_num_rows: bool = False) -> np.ndarray:
-  """Mixture (N,) -> stems (N, S): `overlap_add_stream` on one whole mono array."""
+                pass_num_rows: bool = False, delays: Sequence[int] = (0,)) -> np.ndarray:
+  """Mixture (N,) -> stems (N, S): `overlap_add_stream` on one whole mono array, averaged
+  over copies delayed by `delays` samples (`shifted_mean`; the default is one plain pass)."""
   mixture = np.asarray(mixture, np.float32)
-  parts = list(overlap_add_stream(separate_fn, [mixture[:, None]], chunk, overlap, batch_size,
-                                  progress, in_flight, pass_num_rows))
+  separate_stream = lambda blocks: overlap_add_stream(
+      separate_fn, blocks, chunk, overlap, batch_size, progress, in_flight, pass_num_rows)
+  parts = list(shifted_mean(separate_stream, [mixture[:, None]], delays, 1))
   if not parts:
     return np.zeros((0, 0), np.float32)
   return np.concatenate(parts)[:, :, 0]

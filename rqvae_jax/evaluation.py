@@ -10,7 +10,8 @@ first; the all-zero and mixture/4 baselines are printed beside the model for tha
 The absolute SI-SDR of the estimates (`sisdr_abs`, same two figures) is reported beside the
 improvement: SI-SDRi = SI-SDR(estimate) - SI-SDR(mixture), and the mixture/4 baseline's
 absolute SI-SDR is that second term. Code counts (perplexity, used codes) cover the chunks
-of the split only, not the all-zero rows that fill a last batch.
+of the split only (of every pass, with `inference.shifts` > 1), not the all-zero rows that
+fill a last batch.
 """
 import json
 import os
@@ -25,7 +26,7 @@ from rqvae_jax import audio as audio_lib
 from rqvae_jax import bottleneck
 from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import metrics as metrics_lib
-from rqvae_jax.separate import Separator, overlap_add
+from rqvae_jax.separate import Separator, overlap_add, shift_delays
 
 
 def _summary(values: np.ndarray, active: np.ndarray, stems) -> Dict[str, Any]:
@@ -88,6 +89,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
     raise ValueError(f'eval.mode=window needs eval_window_samples ({window}) == '
                      f'inference.chunk_samples ({separator.chunk}).')
 
+  # Track mode averages inference.shifts passes over shifted chunk grids (the separate
+  # command's --shifts); window mode separates each window once, alone, as the original.
+  delays = shift_delays(config.inference.shifts, int(data_cfg.sample_rate))
   out_dir = os.path.join(workdir, 'eval', split)
   os.makedirs(os.path.join(out_dir, 'examples'), exist_ok=True)
   q = config.model.quantizer
@@ -113,7 +117,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
 
       estimate = overlap_add(fn, mixture, separator.chunk, config.inference.overlap,
                              config.inference.batch_size, in_flight=config.inference.in_flight,
-                             pass_num_rows=True)
+                             pass_num_rows=True, delays=delays)
       counts += np.sum(chunk_counts, axis=0).astype(np.int64)
     padded_len = max(s for _, s in items) + window
     pad = lambda x: np.pad(x, [(0, max(0, padded_len - x.shape[0]))] + [(0, 0)] * (x.ndim - 1))
@@ -166,6 +170,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
   # Windows were grouped by track in the same (track, time) order as ev.windows.
   result = {
       'split': split, 'mode': mode, 'checkpoint_step': int(separator.step),
+      'shifts': len(delays) if mode == 'track' else 1,
       'config_hash': training.config_hash(config), 'num_tracks': len(tracks),
       'windows_kept': int(ev.num_kept), 'windows_skipped': int(ev.num_skipped),
       'silence_threshold': float(data_cfg.silence_threshold),

@@ -101,7 +101,8 @@ class Separator:
       raise ValueError('The mixture has NaN/inf samples; clean them before separating.')
     inf = self.config.inference
     return overlap_add(lambda b: self.separate_chunks(b)[0], mixture, self.chunk, inf.overlap,
-                       inf.batch_size, progress, inf.in_flight)
+                       inf.batch_size, progress, inf.in_flight,
+                       delays=shift_delays(inf.shifts, int(self.config.data.sample_rate)))
 
 
 class _Fifo:
@@ -139,8 +140,9 @@ SHIFT_SEED = 0
 
 def shift_delays(shifts: int, rate: int) -> List[int]:
   """Delays in model samples of the `shifts` passes: 0, then seeded draws in [0, 0.5 s]."""
-  if shifts < 1:
-    raise ValueError(f'--shifts must be at least 1, got {shifts}.')
+  if not isinstance(shifts, (int, np.integer)) or shifts < 1:
+    raise ValueError(f'--shifts must be at least 1 (an integer; the config field is '
+                     f'inference.shifts), got {shifts!r}.')
   extra = np.random.default_rng(SHIFT_SEED).integers(
       0, int(MAX_SHIFT_SECONDS * rate) + 1, size=shifts - 1)
   return [0] + [int(d) for d in extra]
@@ -240,8 +242,8 @@ def _write_stems(separator, path: str, info: audio_lib.AudioInfo, folder: str,
 def separate_file(separator: 'Separator', path: str, out_dir: str, stems: Sequence[str],
                   show_progress: bool = True, folder_name: Optional[str] = None,
                   block_frames: int = audio_lib.BLOCK_FRAMES,
-                  fmt: Optional[stem_files.OutputFormat] = None, shifts: int = 1
-                  ) -> Dict[str, object]:
+                  fmt: Optional[stem_files.OutputFormat] = None,
+                  shifts: Optional[int] = None) -> Dict[str, object]:
   """Separates one file into out_dir/<fmt.filename>, streaming, in bounded memory.
 
   With the default template the stems go to out_dir/<folder_name>/<stem>.<ext>;
@@ -249,7 +251,7 @@ def separate_file(separator: 'Separator', path: str, out_dir: str, stems: Sequen
   `fmt` defaults to `OutputFormat.exact()` (float32 WAV, the model's samples unchanged; the
   command's default is 16-bit). Existing files of the same names are replaced once all the
   new stems are complete; on any error nothing is left behind. `shifts` > 1 averages that
-  many passes over shifted chunk grids (MAX_SHIFT_SECONDS).
+  many passes over shifted chunk grids (MAX_SHIFT_SECONDS); None: `inference.shifts`.
 
   Returns:
     {'path', 'folder', 'files', 'frames', 'sample_rate', 'channels', 'peak', 'silent',
@@ -268,7 +270,7 @@ def separate_file(separator: 'Separator', path: str, out_dir: str, stems: Sequen
   info = audio_lib.inspect_audio(path, block_frames)
   rate = int(separator.config.data.sample_rate)
   inf = separator.config.inference
-  delays = shift_delays(shifts, rate)
+  delays = shift_delays(inf.shifts if shifts is None else shifts, rate)
   model_frames = int(np.floor(info.num_frames * rate / info.sample_rate + 0.5))
   hop = hop_of(separator.chunk, inf.overlap)
   total = info.channels * sum(len(chunk_starts(model_frames + d, separator.chunk, hop))

@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                  'rounded up to a length the model maps back to itself)')
   p.add_argument('--overlap', type=float,
                  help='overlap of consecutive chunks, in [0, 1) (default: the config\'s, 0.5)')
-  p.add_argument('--shifts', type=int, default=1,
+  p.add_argument('--shifts', type=int,
                  help='average N passes over chunk grids shifted by up to 0.5 s (N times '
-                 'slower; seeded, so repeatable)')
+                 'slower; seeded, so repeatable; default: the config\'s inference.shifts)')
   p.add_argument('-j', '--batch-size', type=int, default=0,
                  help='chunks per device call (default: the config\'s)')
   p.add_argument('--in-flight', type=int, default=0,
@@ -121,7 +121,8 @@ def _targets(named: List[Tuple[str, str]], fmt: stem_files.OutputFormat, stems: 
 def separate_files(files: Sequence[str], workdir: str, out: str, checkpoint='best',
                    overlap: Optional[float] = None, batch_size: int = 0, in_flight: int = 0,
                    show_progress: bool = True, stream=None,
-                   fmt: Optional[stem_files.OutputFormat] = None, shifts: int = 1,
+                   fmt: Optional[stem_files.OutputFormat] = None,
+                   shifts: Optional[int] = None,
                    segment: Optional[float] = None) -> int:
   """The command: checks the options, the output folder and the inputs, restores the model
   once, separates every good file into out/<model>/, and returns the exit code (1 when any
@@ -138,7 +139,7 @@ def separate_files(files: Sequence[str], workdir: str, out: str, checkpoint='bes
     raise ValueError('Give at least one audio file: rqvae-separate --workdir DIR song.wav '
                      '[more files] [-o separated]')
   fmt.check()
-  if shifts < 1:
+  if shifts is not None and shifts < 1:
     raise ValueError(f'--shifts must be at least 1, got {shifts}.')
   if segment is not None and not segment > 0:
     raise ValueError(f'--segment must be a positive number of seconds, got {segment}.')

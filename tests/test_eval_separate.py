@@ -136,6 +136,44 @@ def test_separator_is_its_chunk_function_cross_faded(smoke_run):
     sep(np.full(300, np.nan, np.float32))
 
 
+def test_eval_shifts_average_passes_over_delayed_tracks(smoke_run, tmp_path):
+  """inference.shifts = 3 in track mode: each track's estimate is the mean of the separation
+  of the track delayed by 0 and two seeded delays (zeros in front), each advanced back;
+  recomputed here pass by pass with one-pass separations and scored by hand."""
+  import shutil
+  from data import pipeline, slakh, windows as windows_lib
+  from rqvae_jax import metrics
+  cfg, workdir = smoke_run
+  workdir = str(shutil.copytree(workdir, tmp_path / 'w'))
+  cfg = cfg.copy_and_resolve_references()
+  cfg.inference.shifts = 3
+  result = evaluation.evaluate(cfg, workdir, 'test', 'best', verbose=False)
+  assert result['shifts'] == 3
+  one_pass = cfg.copy_and_resolve_references()
+  one_pass.inference.shifts = 1
+  sep = separate.Separator.from_workdir(workdir, 'best', one_pass)
+  delays = separate.shift_delays(3, cfg.data.sample_rate)
+  assert delays[0] == 0 and len(set(delays)) == 3
+  tracks = slakh.scan(pipeline.resolve_root(cfg.data), 'test', cfg.data).kept
+  ev = windows_lib.eval_windows(tracks, cfg.data)
+  size = cfg.data.eval_window_samples
+  by_hand, single = [], []
+  for t, start in ev.windows:
+    track = slakh.load_track(tracks[t], cfg.data.stems)
+    mixture = track.sum(-1)
+    passes = [sep(np.concatenate([np.zeros(d, np.float32), mixture]))[d:d + len(mixture)]
+              for d in delays]
+    pad = lambda x: np.pad(x, [(0, max(0, start + size - len(x)))] + [(0, 0)] * (x.ndim - 1))
+    ref, mix = pad(track)[start:start + size], pad(mixture)[start:start + size]
+    for out, est in ((by_hand, np.mean(passes, axis=0)), (single, passes[0])):
+      out.append(np.asarray(metrics.si_sdr_improvement(ref[None], pad(est)[None, start:start + size],
+                                                       mix[None]))[0])
+  by_hand, single = np.array(by_hand), np.array(single)
+  assert result['model']['msdm']['mean'] == pytest.approx(by_hand.mean(), abs=1e-3)
+  assert result['model']['nonsilent']['mean'] == pytest.approx(by_hand[ev.active].mean(), abs=1e-3)
+  assert abs(by_hand.mean() - single.mean()) > 1e-3          # the passes did differ
+
+
 def test_eval_errors_for_empty_and_foreign_workdirs(tmp_path, smoke_run):
   cfg, workdir = smoke_run
   with pytest.raises(FileNotFoundError, match='config.json is missing'):

@@ -173,6 +173,14 @@ def test_shifts_average_passes_over_shifted_chunk_grids(tmp_path):
   assert not np.allclose(sf.read(one['files']['bass'])[0], expected[:, :, 0].T, atol=1e-4)
   with pytest.raises(ValueError, match='--shifts must be at least 1'):
     separate.shift_delays(0, 22050)
+  with pytest.raises(ValueError, match='inference.shifts'):
+    separate.shift_delays(2.0, 22050)
+  # Without --shifts the config's inference.shifts applies (a recipe may average by default).
+  sep.config.inference.shifts = 3
+  default = _separate(sep, path, tmp_path / 'default')
+  for stem in STEMS:
+    np.testing.assert_array_equal(sf.read(default['files'][stem])[0],
+                                  sf.read(r['files'][stem])[0])
 
 
 def test_segment_sets_the_chunk_to_a_valid_length():
