@@ -147,18 +147,20 @@ def test_a_stem_unreadable_mid_run_is_retried_then_skipped(tracks, tmp_path, cap
     shutil.copytree(t.path, folder)
     copies.append(slakh.Track(str(folder), t.num_frames, t.sample_rate))
   faults = pipeline.ReadFaults(retries=1, delay_s=0.0)
-  stream = pipeline.train_batches(d, copies, 4, seed=3, num_steps=10, faults=faults)
+  stream = pipeline.train_batches(d, copies, 4, seed=3, num_steps=30, faults=faults)
   first = next(stream)
   (tmp_path / copies[4].name / 'drums.wav').write_bytes(b'garbage' * 100)   # the longest
   with caplog.at_level(logging.WARNING):
     rest = list(stream)
-  assert len(rest) == 9 and all(b.shape == first.shape for b in rest)
+  assert len(rest) == 29 and all(b.shape == first.shape for b in rest)
   assert faults.bad_tracks == [copies[4].path] and faults.skipped_examples > 0
   warnings = [r.getMessage() for r in caplog.records if 'Skipping training track' in r.getMessage()]
   assert len(warnings) == 1 and 'after 2 attempts' in warnings[0]
-  # Past the batches read ahead before the damage, every example comes from a readable
-  # track: bass tags t + 1 in 1..4 (0 is the padding of the short track), never 5.
-  tags = np.concatenate(rest[5:])[:, :, 0] * 32768 // 4096
+  # Past the batches read ahead before the damage (tf.data's autotuned read-ahead varies
+  # with the load: 5 batches were once not enough under `pytest -n 2`), every example comes
+  # from a readable track: bass tags t + 1 in 1..4 (0 is the padding of the short track),
+  # never 5.
+  tags = np.concatenate(rest[-10:])[:, :, 0] * 32768 // 4096
   assert set(np.unique(tags).astype(int)) <= {0, 1, 2, 3, 4}
   assert faults.scalars() == {'train/skipped_examples_total': float(faults.skipped_examples),
                               'train/unreadable_tracks': 1.0}
