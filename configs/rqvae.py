@@ -245,7 +245,7 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
     if variant == 'cpu_hour':
       # The demo's recipe, a wider head and remixing, for about an hour of this 2-core CPU
       # (README: Demo), validated on 48 windows every 250 steps (workdir/val_sisdri.png).
-      c.num_train_steps = 3300
+      c.num_train_steps = 3000
       c.eval_every_steps = 250
       c.checkpoint_every_steps = 500
       c.num_eval_batches = 8
