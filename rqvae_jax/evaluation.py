@@ -91,7 +91,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
 
   # Track mode averages inference.shifts passes over shifted chunk grids (the separate
   # command's --shifts); window mode separates each window once, alone, as the original.
-  delays = shift_delays(config.inference.shifts, int(data_cfg.sample_rate))
+  delays = shift_delays(config.inference.get('shifts', 1), int(data_cfg.sample_rate))
   out_dir = os.path.join(workdir, 'eval', split)
   os.makedirs(os.path.join(out_dir, 'examples'), exist_ok=True)
   q = config.model.quantizer

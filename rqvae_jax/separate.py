@@ -102,7 +102,7 @@ class Separator:
     inf = self.config.inference
     return overlap_add(lambda b: self.separate_chunks(b)[0], mixture, self.chunk, inf.overlap,
                        inf.batch_size, progress, inf.in_flight,
-                       delays=shift_delays(inf.shifts, int(self.config.data.sample_rate)))
+                       delays=shift_delays(inf.get('shifts', 1), int(self.config.data.sample_rate)))
 
 
 class _Fifo:
@@ -270,7 +270,7 @@ def separate_file(separator: 'Separator', path: str, out_dir: str, stems: Sequen
   info = audio_lib.inspect_audio(path, block_frames)
   rate = int(separator.config.data.sample_rate)
   inf = separator.config.inference
-  delays = shift_delays(inf.shifts if shifts is None else shifts, rate)
+  delays = shift_delays(inf.get('shifts', 1) if shifts is None else shifts, rate)
   model_frames = int(np.floor(info.num_frames * rate / info.sample_rate + 0.5))
   hop = hop_of(separator.chunk, inf.overlap)
   total = info.channels * sum(len(chunk_starts(model_frames + d, separator.chunk, hop))
