@@ -26,7 +26,7 @@ from rqvae_jax import audio as audio_lib
 from rqvae_jax import bottleneck
 from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import metrics as metrics_lib
-from rqvae_jax.separate import Separator, overlap_add, shift_delays
+from rqvae_jax.separate import Separator, config_shift_delays, overlap_add
 
 
 def _summary(values: np.ndarray, active: np.ndarray, stems) -> Dict[str, Any]:
@@ -91,7 +91,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
 
   # Track mode averages inference.shifts passes over shifted chunk grids (the separate
   # command's --shifts); window mode separates each window once, alone, as the original.
-  delays = shift_delays(config.inference.get('shifts', 1), int(data_cfg.sample_rate))
+  delays = config_shift_delays(config)
   out_dir = os.path.join(workdir, 'eval', split)
   os.makedirs(os.path.join(out_dir, 'examples'), exist_ok=True)
   q = config.model.quantizer

@@ -102,7 +102,7 @@ class Separator:
     inf = self.config.inference
     return overlap_add(lambda b: self.separate_chunks(b)[0], mixture, self.chunk, inf.overlap,
                        inf.batch_size, progress, inf.in_flight,
-                       delays=shift_delays(inf.get('shifts', 1), int(self.config.data.sample_rate)))
+                       delays=config_shift_delays(self.config))
 
 
 class _Fifo:
@@ -146,6 +146,15 @@ def shift_delays(shifts: int, rate: int) -> List[int]:
   extra = np.random.default_rng(SHIFT_SEED).integers(
       0, int(MAX_SHIFT_SECONDS * rate) + 1, size=shifts - 1)
   return [0] + [int(d) for d in extra]
+
+
+def config_shift_delays(config: ml_collections.ConfigDict, shifts: Optional[int] = None
+                        ) -> List[int]:
+  """`shift_delays` at the config's rate: `shifts` passes, or its `inference.shifts` (one
+  pass for a config without the field, e.g. one built by hand)."""
+  if shifts is None:
+    shifts = config.inference.get('shifts', 1)
+  return shift_delays(shifts, int(config.data.sample_rate))
 
 
 def _stem_blocks(separator: 'Separator', path: str, info: audio_lib.AudioInfo, fifo: _Fifo,
@@ -270,7 +279,7 @@ def separate_file(separator: 'Separator', path: str, out_dir: str, stems: Sequen
   info = audio_lib.inspect_audio(path, block_frames)
   rate = int(separator.config.data.sample_rate)
   inf = separator.config.inference
-  delays = shift_delays(inf.get('shifts', 1) if shifts is None else shifts, rate)
+  delays = config_shift_delays(separator.config, shifts)
   model_frames = int(np.floor(info.num_frames * rate / info.sample_rate + 0.5))
   hop = hop_of(separator.chunk, inf.overlap)
   total = info.channels * sum(len(chunk_starts(model_frames + d, separator.chunk, hop))
