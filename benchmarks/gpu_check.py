@@ -287,14 +287,14 @@ def train_throughput(dry: bool, chosen: dict):
   """The paper config's train step at batch 16, float32 then bfloat16."""
   def run(partial):
     import jax
-    from rqvae_jax import parallel, training
+    from rqvae_jax import parallel, train_state, training
     batch = 2 if dry else 16
     steps, warmup = (2, 1) if dry else (20, 3)
     for dtype in ('float32', 'bfloat16'):
       cfg = make_config('paper', dry, chosen, **{'model.dtype': dtype, 'batch_size': batch})
       mesh = parallel.make_mesh()
       repl = parallel.replicated(mesh)
-      state = parallel.replicate(training.create_train_state(cfg, jax.random.PRNGKey(0)), mesh)
+      state = parallel.replicate(train_state.create_train_state(cfg, jax.random.PRNGKey(0)), mesh)
       step = jax.jit(functools.partial(training.train_step, config=cfg),
                      in_shardings=(repl, parallel.data_sharded(mesh)), out_shardings=(repl, repl),
                      donate_argnums=(0,))

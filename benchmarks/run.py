@@ -60,12 +60,12 @@ def _timed(fn, steps: int, warmup: int):
 def bench_train(config, batch: int, steps: int, warmup: int):
   import jax
   import jax.numpy as jnp
-  from rqvae_jax import parallel, training
+  from rqvae_jax import parallel, train_state, training
   config = config.copy_and_resolve_references()
   config.batch_size = batch
   mesh = parallel.make_mesh()
   repl = parallel.replicated(mesh)
-  state = jax.device_put(training.create_train_state(config, jax.random.PRNGKey(0)), repl)
+  state = jax.device_put(train_state.create_train_state(config, jax.random.PRNGKey(0)), repl)
   step = jax.jit(functools.partial(training.train_step, config=config),
                  in_shardings=(repl, parallel.data_sharded(mesh)), out_shardings=(repl, repl),
                  donate_argnums=(0,))
@@ -89,9 +89,9 @@ def bench_train(config, batch: int, steps: int, warmup: int):
 
 def bench_separate(config, batch: int, steps: int, warmup: int, song_seconds: float):
   import jax
-  from rqvae_jax import training
+  from rqvae_jax import train_state
   from rqvae_jax.separate import Separator, overlap_add
-  state = training.create_train_state(config, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(config, jax.random.PRNGKey(0))
   sep = Separator.from_variables(config, state.variables(use_ema=True))
   rng = np.random.default_rng(0)
   chunks = (0.05 * rng.normal(size=(batch, sep.chunk))).astype(np.float32)

@@ -55,9 +55,9 @@ def child(path: str, variant: str, out_dir: str) -> dict:
   """Separates `path` in this process; returns its peak memory before and after the song."""
   import jax
   from configs.rqvae import get_config
-  from rqvae_jax import separate, training
+  from rqvae_jax import separate, train_state
   config = get_config(variant)
-  state = training.create_train_state(config, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(config, jax.random.PRNGKey(0))
   sep = separate.Separator.from_variables(config, state.variables(use_ema=True))
   del state
   warm = np.zeros((config.inference.batch_size, sep.chunk), np.float32)

@@ -172,7 +172,7 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   o.decay = 'constant'                     # or 'cosine' (to final_lr_fraction at the last step)
   o.final_lr_fraction = 0.0
   o.grad_clip_norm = 0.0                   # 0 = off
-  # Polyak average of the weights, validated and separated with (training.update_params_ema:
+  # Polyak average of the weights, validated and separated with (train_state.update_params_ema:
   # decay min(this, (1 + t) / (10 + t)) at step t); 0 = off (the original has none).
   o.param_ema_decay = 0.0
   o.plateau_factor = 0.5                   # lr *= factor when val SI-SDRi improved < min_delta

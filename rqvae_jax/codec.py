@@ -75,10 +75,10 @@ class Codec:
 
   @classmethod
   def from_workdir(cls, workdir: str, checkpoint: Union[str, int] = 'best') -> 'Codec':
-    from rqvae_jax import training   # pylint: disable=g-import-not-at-top
+    from rqvae_jax import train_state   # pylint: disable=g-import-not-at-top
     config = ckpt_lib.load_config(workdir)
     check_codec_config(config)       # before the restore: a wrong workdir fails at once
-    abstract = jax.eval_shape(lambda: training.create_train_state(config, jax.random.PRNGKey(0)))
+    abstract = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)))
     checkpointer = ckpt_lib.Checkpointer(workdir)
     state, _, step = checkpointer.restore(checkpoint, abstract)
     checkpointer.close()

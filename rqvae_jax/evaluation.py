@@ -67,7 +67,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
   from rqvae_jax import bundled
   pipeline, slakh = bundled.data_module('pipeline'), bundled.data_module('slakh')
   windows_lib = bundled.data_module('windows')
-  from rqvae_jax import training
+  from rqvae_jax import train_state
 
   separator = Separator.from_workdir(workdir, checkpoint, config)
   config = separator.config
@@ -171,7 +171,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'test
   result = {
       'split': split, 'mode': mode, 'checkpoint_step': int(separator.step),
       'shifts': len(delays) if mode == 'track' else 1,
-      'config_hash': training.config_hash(config), 'num_tracks': len(tracks),
+      'config_hash': train_state.config_hash(config), 'num_tracks': len(tracks),
       'windows_kept': int(ev.num_kept), 'windows_skipped': int(ev.num_skipped),
       'silence_threshold': float(data_cfg.silence_threshold),
       'model': {**_summary(model_vals, active, stems), 'sisdr_abs': sisdr_abs['model']},

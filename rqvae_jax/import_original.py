@@ -92,8 +92,8 @@ def check_normalisation(config: ml_collections.ConfigDict) -> None:
 
 def abstract_state(config: ml_collections.ConfigDict):
   """Shapes of the train state that training writes (nothing is computed)."""
-  from rqvae_jax import training
-  return jax.eval_shape(lambda: training.create_train_state(config, jax.random.PRNGKey(0)))
+  from rqvae_jax import train_state
+  return jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)))
 
 
 def build_state(config: ml_collections.ConfigDict, variables: Mapping, step: int,
@@ -101,7 +101,7 @@ def build_state(config: ml_collections.ConfigDict, variables: Mapping, step: int
   """A TrainState holding imported variables, as training would have saved it: Adam's
   moments zero, codebook usage zero (no usage statistics survive in the original's
   checkpoints), the codebook EMA the given one or the codebooks, the plateau state fresh."""
-  from rqvae_jax import training
+  from rqvae_jax import train_state
   abstract = abstract if abstract is not None else abstract_state(config)
   params = jax.tree_util.tree_map(jnp.asarray, variables['params'])
   codebooks = params['quantizer']['codebooks']
@@ -114,9 +114,9 @@ def build_state(config: ml_collections.ConfigDict, variables: Mapping, step: int
       batch_stats=jax.tree_util.tree_map(jnp.asarray, variables['batch_stats']),
       codebook_stats=jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
                                             abstract.codebook_stats),
-      opt_state=training.make_optimizer(config.optim).init(params),
+      opt_state=train_state.make_optimizer(config.optim).init(params),
       codebook_ema=jnp.asarray(ema_codebooks if ema_codebooks is not None else codebooks),
-      params_ema=training.initial_params_ema(config, params),
+      params_ema=train_state.initial_params_ema(config, params),
       rng=jax.random.split(jax.random.PRNGKey(config.seed))[1], lr_scale=f32(1.0),
       last_val=f32(-jnp.inf), best_val=f32(-jnp.inf), bad_evals=jnp.asarray(0, jnp.int32),
       nan_skips=jnp.asarray(0, jnp.int32))
@@ -141,7 +141,7 @@ def convert(path: str, config: ml_collections.ConfigDict,
             log: Callable[[str], None] = print) -> Imported:
   """Reads and maps a checkpoint of the original (no files written); logs where the
   codebooks and the normalisation come from."""
-  from rqvae_jax import training
+  from rqvae_jax import train_state
   layout.check_architecture(config.model)
   check_normalisation(config)
   ckpt = read_checkpoint(path, config.model.quantizer.num_quantizers)
@@ -164,7 +164,7 @@ def convert(path: str, config: ml_collections.ConfigDict,
       f'[-1, 1], i.e. the original\'s (x - {ORIGINAL_MEAN}) / {ORIGINAL_STD} on int16-scale '
       'samples; kept in config.json.')
   state = build_state(config, variables, step, ckpt.ema_codebooks, abstract)
-  meta = {'step': int(step), 'config_hash': training.config_hash(config),
+  meta = {'step': int(step), 'config_hash': train_state.config_hash(config),
           'variant': config.variant, 'val': {}, 'imported_from': os.path.abspath(path),
           'codebooks': source}
   return Imported(state, int(step), meta)

@@ -33,7 +33,7 @@ from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import codec as codec_lib
 from rqvae_jax import prior as prior_lib
 from rqvae_jax import resume
-from rqvae_jax import training
+from rqvae_jax import train_state
 
 LN2 = math.log(2.0)
 METRICS_FILE = 'metrics.json'
@@ -69,7 +69,7 @@ def create_state(config, model, codebooks, rng) -> PriorState:
   def make(rng, use):
     init_rng, rng = jax.random.split(rng)
     params = prior_lib.init_params(model, init_rng, use)
-    opt_state = training.make_optimizer(config.optim).init(params)
+    opt_state = train_state.make_optimizer(config.optim).init(params)
     return PriorState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=opt_state,
                       ema=jax.tree_util.tree_map(jnp.copy, params), rng=rng)
 
@@ -130,8 +130,8 @@ def train_step(state: PriorState, codes, *, model, config):
     return prior_lib.nll(logits, codes)
 
   (loss, per_depth), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  lr = training.learning_rate(state.step, 1.0, config.optim, config.num_train_steps)
-  updates, opt_state = training.make_optimizer(config.optim).update(grads, state.opt_state,
+  lr = train_state.learning_rate(state.step, 1.0, config.optim, config.num_train_steps)
+  updates, opt_state = train_state.make_optimizer(config.optim).update(grads, state.opt_state,
                                                                     state.params)
   params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
   decay = config.ema_decay
@@ -232,7 +232,7 @@ def train_prior(config: ml_collections.ConfigDict, workdir: str,
       print(f'  val nll {np.mean(val_nll):.4f} (EMA weights, {len(val)} windows)',
             file=sys.stderr, flush=True)
     if step % config.checkpoint_every_steps == 0 or last:
-      checkpointer.save(step, state, {'step': step, 'config_hash': training.config_hash(config)})
+      checkpointer.save(step, state, {'step': step, 'config_hash': train_state.config_hash(config)})
     checkpointer.check_saves()
   writer.flush()
   checkpointer.wait()

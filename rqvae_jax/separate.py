@@ -54,12 +54,12 @@ class Separator:
   @classmethod
   def from_workdir(cls, workdir: str, checkpoint: Union[str, int] = 'best',
                    config: Optional[ml_collections.ConfigDict] = None) -> 'Separator':
-    from rqvae_jax import training
+    from rqvae_jax import train_state
     saved = ckpt_lib.load_config(workdir)
     if config is not None:
       ckpt_lib.check_config_matches(saved, config)
     config = config or saved
-    abstract = jax.eval_shape(lambda: training.create_train_state(config, jax.random.PRNGKey(0)))
+    abstract = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)))
     checkpointer = ckpt_lib.Checkpointer(workdir)
     state, _, step = checkpointer.restore(checkpoint, abstract)
     checkpointer.close()

@@ -1,18 +1,17 @@
-"""Training: one explicit state pytree, a pure jitted `train_step`, and `train_and_evaluate`.
+"""Training: a pure jitted `train_step` and `eval_step`, k-means init, and `train_and_evaluate`.
 
-The state holds everything a resumed run needs (params, BatchNorm statistics, codebook usage,
-optimiser state, the EMA of the codebooks, the rng, the step and the plateau schedule), so a
-run restarted from a checkpoint continues bit for bit: the data stream is a function of
-(seed, step, process) and the step is a pure function of (state, batch).
+The state (`rqvae_jax.train_state.TrainState`) holds everything a resumed run needs (params,
+BatchNorm statistics, codebook usage, optimiser state, the EMA of the codebooks, the rng, the
+step and the plateau schedule), so a run restarted from a checkpoint continues bit for bit:
+the data stream is a function of (seed, step, process) and the step is a pure function of
+(state, batch).
 """
 import functools
-import hashlib
 import math
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,6 +26,7 @@ from rqvae_jax import metrics as metrics_lib
 from rqvae_jax import parallel
 from rqvae_jax import quantizer as qz
 from rqvae_jax import resume
+from rqvae_jax import train_state as state_lib
 from rqvae_jax import validation
 from rqvae_jax.model import RQVAE, next_valid_length, normalize
 
@@ -34,123 +34,14 @@ MUTABLE = ['batch_stats', qz.STATS]
 _REMIX_STREAM = 0x5E11            # fold_in constant of the augmentation's key
 
 
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  batch_stats: Any
-  codebook_stats: Any
-  opt_state: Any
-  codebook_ema: jax.Array        # EMA of params['quantizer']['codebooks'], used to validate
-  #                                (a Gaussian bottleneck has no codebooks: a placeholder 0)
-  params_ema: Any                # Polyak average of params (optim.param_ema_decay > 0) for
-  #                                validation and separation; off: a placeholder 0
-  rng: jax.Array
-  lr_scale: jax.Array            # plateau schedule: multiplied by plateau_factor on a plateau
-  last_val: jax.Array            # validation SI-SDRi at the previous evaluation
-  best_val: jax.Array
-  bad_evals: jax.Array           # consecutive evaluations without improvement (early stop)
-  nan_skips: jax.Array           # updates skipped because the loss or a gradient was not finite
-
-  def variables(self, use_ema: bool = False, param_ema: bool = True) -> Dict[str, Any]:
-    """The model's variables. With `use_ema` (validation, separation) the codebooks are
-    their EMA and, where the run keeps one and `param_ema`, the other weights are their
-    Polyak average."""
-    params = self.params
-    if use_ema and param_ema and keeps_param_ema(self):
-      params = self.params_ema
-    if use_ema and 'codebooks' in params.get('quantizer', {}):
-      params = {**params, 'quantizer': {**params['quantizer'], 'codebooks': self.codebook_ema}}
-    return {'params': params, 'batch_stats': self.batch_stats, qz.STATS: self.codebook_stats}
-
-  def inference_variables(self, inference: ml_collections.ConfigDict) -> Dict[str, Any]:
-    """The variables separation and the codec run with, as the config's `inference` section
-    chooses them (`use_ema_codebooks`, `use_ema_params`)."""
-    return self.variables(use_ema=bool(inference.use_ema_codebooks),
-                          param_ema=bool(inference.use_ema_params))
-
-
-def config_hash(config: ml_collections.ConfigDict) -> str:
-  return hashlib.sha256(config.to_json(sort_keys=True).encode()).hexdigest()[:12]
-
-
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam's direction (with optional clipping and decoupled weight decay); the learning rate
-  is applied in the step from the state's schedule, so the plateau rule can change it."""
-  if optim.optimizer not in ('adam', 'adamw'):
-    raise ValueError(f"optim.optimizer must be 'adam' or 'adamw', got {optim.optimizer!r}.")
-  parts = []
-  if optim.grad_clip_norm:
-    parts.append(optax.clip_by_global_norm(optim.grad_clip_norm))
-  parts.append(optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps))
-  if optim.weight_decay:
-    parts.append(optax.add_decayed_weights(optim.weight_decay))
-  return optax.chain(*parts)
-
-
-def learning_rate(step, lr_scale, optim: ml_collections.ConfigDict, total_steps: int):
-  """lr * plateau scale * linear warm-up * decay ('constant', or 'cosine' from the end of the
-  warm-up down to `final_lr_fraction` of lr at `total_steps`)."""
-  warmup = jnp.minimum(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
-  decay_kind = optim.decay
-  if decay_kind == 'constant':
-    decay = 1.0
-  elif decay_kind == 'cosine':
-    span = max(int(total_steps) - int(optim.warmup_steps), 1)
-    frac = jnp.clip((step - optim.warmup_steps) / span, 0.0, 1.0)
-    final = optim.final_lr_fraction
-    decay = final + (1.0 - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
-  else:
-    raise ValueError(f"optim.decay must be 'constant' or 'cosine', got {decay_kind!r}.")
-  return optim.lr * lr_scale * warmup * decay
-
-
-def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
-  model = RQVAE(config.model)
-  init_rng, state_rng = jax.random.split(rng)
-  dummy = jnp.zeros((1, config.data.segment_samples), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))({'params': init_rng}, dummy)
-  params = variables['params']
-  f32 = lambda v: jnp.asarray(v, jnp.float32)
-  codes = bottleneck.has_codes(config.model)
-  return TrainState(
-      step=jnp.asarray(0, jnp.int32), params=params, batch_stats=variables['batch_stats'],
-      codebook_stats=variables.get(qz.STATS, {}),
-      opt_state=make_optimizer(config.optim).init(params),
-      codebook_ema=jnp.copy(params['quantizer']['codebooks']) if codes else f32(0.0),
-      params_ema=initial_params_ema(config, params), rng=state_rng, lr_scale=f32(1.0),
-      last_val=f32(-jnp.inf), best_val=f32(-jnp.inf), bad_evals=jnp.asarray(0, jnp.int32),
-      nan_skips=jnp.asarray(0, jnp.int32))
-
-
-def keeps_param_ema(state) -> bool:
-  """Whether `state.params_ema` holds weights (not the scalar placeholder of a run without)."""
-  return getattr(state.params_ema, 'shape', None) != ()
-
-
-def initial_params_ema(config: ml_collections.ConfigDict, params) -> Any:
-  """The Polyak average's start: a copy of `params`, or the placeholder 0 when it is off."""
-  if config.optim.get('param_ema_decay', 0.0) > 0:
-    return jax.tree_util.tree_map(jnp.copy, params)
-  return jnp.asarray(0.0, jnp.float32)
-
-
-def update_params_ema(params_ema, params, step, decay: float):
-  """One step of the weights' Polyak average: decay min(`decay`, (1 + t) / (10 + t)) at step t
-  (TensorFlow's ExponentialMovingAverage with num_updates), so early in a run the average
-  follows the fast-moving weights (it spans ~t / 9 steps) instead of the initialisation."""
-  t = step.astype(jnp.float32)
-  d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
-  return jax.tree_util.tree_map(lambda e, p: d * e + (1.0 - d) * p, params_ema, params)
-
-
 def codebook_summaries(counts, usage, threshold) -> Dict[str, jax.Array]:
   return {'perplexity': metrics_lib.perplexity(counts), 'used_codes': metrics_lib.used_codes(counts),
           'dead_codes': metrics_lib.dead_codes(usage, threshold)}
 
 
-def train_step(state: TrainState, batch: jax.Array, *, config: ml_collections.ConfigDict,
-               ) -> Tuple[TrainState, Dict[str, jax.Array]]:
+def train_step(state: state_lib.TrainState, batch: jax.Array, *,
+               config: ml_collections.ConfigDict
+               ) -> Tuple[state_lib.TrainState, Dict[str, jax.Array]]:
   """One update on a batch of stems (B, N, S): forward, loss parts, grads, Adam, usage EMA,
   dead-code restart every `restart_every` steps, codebook EMA, and a NaN/inf guard that
   keeps the old state (and counts the skip) instead of poisoning it."""
@@ -183,8 +74,9 @@ def train_step(state: TrainState, batch: jax.Array, *, config: ml_collections.Co
 
   (loss, (parts, new_vars, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grad_norm = optax.global_norm(grads)
-  lr = learning_rate(state.step, state.lr_scale, config.optim, config.num_train_steps)
-  updates, opt_state = make_optimizer(config.optim).update(grads, state.opt_state, state.params)
+  lr = state_lib.learning_rate(state.step, state.lr_scale, config.optim, config.num_train_steps)
+  optimizer = state_lib.make_optimizer(config.optim)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, jax.tree_util.tree_map(lambda u: -lr * u, updates))
 
   if not bottleneck.has_codes(config.model):    # Gaussian: no codebooks, usage or restarts
@@ -225,8 +117,8 @@ def _finish_step(config, state, loss, grad_norm, parts, lr, params, batch_stats,
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   pick = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
   params_ema = state.params_ema
-  if keeps_param_ema(state):
-    params_ema = pick(update_params_ema(state.params_ema, params, state.step,
+  if state_lib.keeps_param_ema(state):
+    params_ema = pick(state_lib.update_params_ema(state.params_ema, params, state.step,
                                         config.optim.param_ema_decay), state.params_ema)
   new_state = state.replace(
       step=state.step + 1,
@@ -242,8 +134,8 @@ def _finish_step(config, state, loss, grad_norm, parts, lr, params, batch_stats,
   return new_state, out
 
 
-def eval_step(state: TrainState, batch: jax.Array, *, config: ml_collections.ConfigDict,
-              ) -> Dict[str, jax.Array]:
+def eval_step(state: state_lib.TrainState, batch: jax.Array, *,
+              config: ml_collections.ConfigDict) -> Dict[str, jax.Array]:
   """Validation on stems (B, N, S) with the EMA codebooks: estimates, loss, SI-SDRi per stem."""
   model = RQVAE(config.model)
   mixture = jnp.sum(batch, axis=-1)
@@ -261,8 +153,8 @@ def eval_step(state: TrainState, batch: jax.Array, *, config: ml_collections.Con
           **({'counts': aux['counts']} if 'counts' in aux else {})}
 
 
-def kmeans_frames(state: TrainState, mixtures: np.ndarray, config: ml_collections.ConfigDict,
-                  rng: jax.Array) -> np.ndarray:
+def kmeans_frames(state: state_lib.TrainState, mixtures: np.ndarray,
+                  config: ml_collections.ConfigDict, rng: jax.Array) -> np.ndarray:
   """Encoder frames z_e (M * T, D) of mixtures (M, N) as a training forward quantizes them.
 
   Training mode, like the original's `compute_centroids`: BatchNorm normalises with batch
@@ -289,8 +181,8 @@ def kmeans_frames(state: TrainState, mixtures: np.ndarray, config: ml_collection
   return frames.reshape(-1, frames.shape[-1])
 
 
-def kmeans_initialize(state: TrainState, mixtures: np.ndarray,
-                      config: ml_collections.ConfigDict) -> TrainState:
+def kmeans_initialize(state: state_lib.TrainState, mixtures: np.ndarray,
+                      config: ml_collections.ConfigDict) -> state_lib.TrainState:
   """Codebooks from k-means on encoder frames of training mixtures (B, N) (the paper's init).
 
   The frames come from a training-mode forward (`kmeans_frames`); the state's BatchNorm
@@ -307,11 +199,11 @@ def kmeans_initialize(state: TrainState, mixtures: np.ndarray,
   params = {**state.params, 'quantizer': {**state.params['quantizer'], 'codebooks': codebooks}}
   # params_ema keeps its codebooks: they are never used (the EMA variables take codebook_ema).
   return state.replace(params=params, codebook_ema=jnp.copy(codebooks), rng=rng,
-                       opt_state=make_optimizer(config.optim).init(params))
+                       opt_state=state_lib.make_optimizer(config.optim).init(params))
 
 
-def plateau_update(state: TrainState, val_sisdri: float, optim: ml_collections.ConfigDict
-                   ) -> TrainState:
+def plateau_update(state: state_lib.TrainState, val_sisdri: float,
+                   optim: ml_collections.ConfigDict) -> state_lib.TrainState:
   """The original's schedule: halve the lr when validation SI-SDRi improved by < min_delta
   since the previous evaluation; count evaluations without a new best for early stopping."""
   improved = val_sisdri - float(state.last_val) >= optim.plateau_min_delta
@@ -362,7 +254,7 @@ def _scalars(prefix: str, values: Dict[str, np.ndarray]) -> Dict[str, float]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       allow_changed: Sequence[str] = ()) -> TrainState:
+                       allow_changed: Sequence[str] = ()) -> state_lib.TrainState:
   """Trains (resuming from the workdir's latest checkpoint), validates, logs and checkpoints.
 
   A resume compares the config with the saved one (rqvae_jax.resume: every field but those
@@ -380,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints, cleanup=is_main)
   state, start = resume.restore_or_start(
       config, workdir, checkpointer,
-      lambda: create_train_state(config, jax.random.PRNGKey(config.seed)), is_main,
+      lambda: state_lib.create_train_state(config, jax.random.PRNGKey(config.seed)), is_main,
       allow_changed)
 
   root = pipeline.resolve_root(config.data)
@@ -463,8 +355,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _meta(step: int, config, val: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
-  return {'step': int(step), 'config_hash': config_hash(config), 'variant': config.variant,
-          'val': val or {}}
+  return {'step': int(step), 'config_hash': state_lib.config_hash(config),
+          'variant': config.variant, 'val': val or {}}
 
 
 def _flatten_config(config) -> Dict[str, Any]:

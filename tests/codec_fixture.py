@@ -25,8 +25,8 @@ def codec_config(root):
 
 def random_state(cfg, seed: int = 0):
   """A TrainState of cfg's shapes: weights N(0, 0.3^2)/sqrt(fan-in), BatchNorm identity."""
-  from rqvae_jax import training
-  abstract = jax.eval_shape(lambda: training.create_train_state(cfg, jax.random.PRNGKey(0)))
+  from rqvae_jax import train_state
+  abstract = jax.eval_shape(lambda: train_state.create_train_state(cfg, jax.random.PRNGKey(0)))
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs.rqvae import get_config, set_bottleneck
-from rqvae_jax import bottleneck, checkpoints as ckpt_lib, losses, original_layout, training
+from rqvae_jax import bottleneck, checkpoints as ckpt_lib, losses, original_layout
+from rqvae_jax import train_state, training
 from rqvae_jax.model import RQVAE
 
 
@@ -154,7 +155,7 @@ def test_each_bottleneck_trains_a_step_and_its_checkpoint_evaluates(tmp_path, mo
   c = _config(kind, codebook_size=256)
   c.eval.num_example_wavs = 0
   c.eval.max_tracks = 1
-  state = training.create_train_state(c, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(c, jax.random.PRNGKey(0))
   batch = jnp.asarray(0.05 * np.random.default_rng(4).standard_normal((2, 10000, 4)), jnp.float32)
   seen = []
   kmeans_frames = training.kmeans_frames

@@ -13,6 +13,7 @@ import pytest
 
 from configs.rqvae import get_config
 from rqvae_jax import checkpoints as ckpt_lib
+from rqvae_jax import train_state
 from rqvae_jax import training
 from rqvae_jax import validation
 from tests.conftest import SMALL_GRAPH, smoke_config
@@ -39,7 +40,7 @@ def step_fn():
 
 def test_steps_lower_the_loss_and_restart_codes(step_fn):
   cfg, step = step_fn
-  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(cfg, jax.random.PRNGKey(0))
   batch = _batch(cfg)
   losses, restarted = [], []
   for _ in range(8):
@@ -64,7 +65,7 @@ def test_remixing_trains_on_the_remixed_batch_from_the_state_key(step_fn):
   remixing = cfg.copy_and_resolve_references()
   remixing.data.remix_fraction = 1.0
   remixing.data.stem_gain_range = (0.5, 1.5)
-  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(cfg, jax.random.PRNGKey(0))
   batch = _batch(cfg)
   _, plain = step(state, batch)
   _, remixed = jax.jit(functools.partial(training.train_step, config=remixing))(state, batch)
@@ -78,7 +79,7 @@ def test_remixing_trains_on_the_remixed_batch_from_the_state_key(step_fn):
 
 def test_nan_batch_is_skipped_and_counted(step_fn):
   cfg, step = step_fn
-  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(cfg, jax.random.PRNGKey(0))
   state, _ = step(state, _batch(cfg))
   before = jax.device_get(state)
   bad = _batch(cfg).at[0, 10, 1].set(jnp.nan)
@@ -94,7 +95,7 @@ def test_nan_batch_is_skipped_and_counted(step_fn):
 
 def test_eval_step_pads_windows_of_any_length():
   cfg = get_config('smoke')
-  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(cfg, jax.random.PRNGKey(0))
   n = cfg.data.segment_samples + 99                 # not a length the conv stack maps back
   stems = _batch(cfg, length=n)
   out = jax.jit(functools.partial(training.eval_step, config=cfg))(state, stems)
@@ -104,7 +105,7 @@ def test_eval_step_pads_windows_of_any_length():
 
 def test_plateau_halves_lr_and_counts_bad_evals():
   cfg = get_config('smoke')
-  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(cfg, jax.random.PRNGKey(0))
   state = training.plateau_update(state, 3.0, cfg.optim)    # first evaluation: improved from -inf
   assert float(state.lr_scale) == 1.0
   state = training.plateau_update(state, 3.04, cfg.optim)   # +0.04 dB < 0.05: halve
@@ -117,7 +118,7 @@ def test_plateau_halves_lr_and_counts_bad_evals():
 def test_learning_rate_warmup_and_cosine_decay():
   optim = get_config('smoke').optim
   optim.lr, optim.warmup_steps = 1e-3, 10
-  lr = lambda step, scale=1.0: float(training.learning_rate(step, scale, optim, 110))
+  lr = lambda step, scale=1.0: float(train_state.learning_rate(step, scale, optim, 110))
   assert lr(0) == pytest.approx(1e-4) and lr(9) == pytest.approx(1e-3)
   assert lr(500) == pytest.approx(1e-3)                       # 'constant' after warm-up
   optim.decay, optim.final_lr_fraction = 'cosine', 0.1
@@ -132,7 +133,7 @@ def test_learning_rate_warmup_and_cosine_decay():
 
 def _params(workdir):
   cfg = ckpt_lib.load_config(workdir)
-  abstract = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  abstract = train_state.create_train_state(cfg, jax.random.PRNGKey(0))
   state, meta, step = ckpt_lib.Checkpointer(workdir).restore('latest', abstract)
   return state, meta, step
 
@@ -232,7 +233,7 @@ import functools, json, sys
 import jax, jax.numpy as jnp, numpy as np
 sys.path.insert(0, {repo!r})
 from configs.rqvae import get_config
-from rqvae_jax import parallel, training
+from rqvae_jax import parallel, train_state, training
 cfg = get_config('smoke')
 cfg.batch_size = 4
 cfg.model.quantizer.restart_every = 0   # one step, no restart: only reduction order differs
@@ -247,7 +248,7 @@ assert jax.device_count() == 2, jax.devices()
 for n in (1, 2):
   mesh = parallel.make_mesh(jax.devices()[:n])
   repl = parallel.replicated(mesh)
-  state = jax.device_put(training.create_train_state(cfg, jax.random.PRNGKey(0)), repl)
+  state = jax.device_put(train_state.create_train_state(cfg, jax.random.PRNGKey(0)), repl)
   before = jax.device_get(state.params)
   step = jax.jit(functools.partial(training.train_step, config=cfg),
                  in_shardings=(repl, parallel.data_sharded(mesh)), out_shardings=(repl, repl))
@@ -291,7 +292,7 @@ def test_kmeans_uses_training_mode_frames_and_keeps_batch_stats(monkeypatch):
   """k-means fits the frames a training forward quantizes (batch statistics, dropout), not the
   eval-mode ones, whose running statistics at init make them much narrower."""
   cfg = get_config('smoke')
-  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(cfg, jax.random.PRNGKey(0))
   mixtures = np.concatenate([np.asarray(_batch(cfg, seed)).sum(-1) for seed in (0, 1)])
   assert len(mixtures) == 2 * cfg.batch_size
   seen = {}
@@ -367,7 +368,7 @@ def test_validate_leaves_padded_rows_out_of_the_means(smoke_validation):
   cfg, tracks, ev = smoke_validation
   cfg.num_eval_batches = 0
   batch_size = 7                            # 24 windows: the last batch has 4 padded rows
-  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(cfg, jax.random.PRNGKey(0))
   p_eval_step = jax.jit(functools.partial(training.eval_step, config=cfg))
   mesh = parallel.make_mesh(jax.devices()[:1])
   batches = list(validation.validation_batches(tracks, cfg, batch_size))
@@ -424,7 +425,7 @@ def test_demo_recipe_overfits_two_fixed_windows(head):
   batch = jnp.asarray(np.stack([stems[s:s + 10000] for s in (22050, 55000)]))
   active = np.asarray(metrics.active_stem_mask(batch, cfg.data.silence_threshold))
   assert active.sum() >= 5                           # at least 5 stems to separate
-  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(cfg, jax.random.PRNGKey(0))
   state = training.kmeans_initialize(state, np.asarray(batch.sum(-1)), cfg)
   step = jax.jit(functools.partial(training.train_step, config=cfg))
   evaluate = jax.jit(functools.partial(training.eval_step, config=cfg))
@@ -531,8 +532,8 @@ def test_polyak_average_of_the_weights_follows_its_formula_and_feeds_validation(
   cfg.update_from_flattened_dict(SMALL_GRAPH)    # a plumbing check: half the graph to compile
   cfg.optim.param_ema_decay = 0.5
   step = jax.jit(functools.partial(training.train_step, config=cfg))
-  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
-  assert training.keeps_param_ema(state)
+  state = train_state.create_train_state(cfg, jax.random.PRNGKey(0))
+  assert train_state.keeps_param_ema(state)
   batch = _batch(cfg)
   ema = jax.tree_util.tree_map(np.asarray, state.params_ema)
   for t in range(12):
@@ -556,8 +557,8 @@ def test_polyak_average_of_the_weights_follows_its_formula_and_feeds_validation(
   inference.use_ema_params = False
   np.testing.assert_array_equal(enc(state.inference_variables(inference)['params']),
                                 enc(state.params))
-  off = training.create_train_state(step_fn[0], jax.random.PRNGKey(0))   # decay 0: off
-  assert not training.keeps_param_ema(off) and off.params_ema.shape == ()
+  off = train_state.create_train_state(step_fn[0], jax.random.PRNGKey(0))   # decay 0: off
+  assert not train_state.keeps_param_ema(off) and off.params_ema.shape == ()
 
 
 def test_checkpoint_saved_before_params_ema_restores_with_it_off(tmp_path, step_fn):
@@ -565,20 +566,20 @@ def test_checkpoint_saved_before_params_ema_restores_with_it_off(tmp_path, step_
   into today's state with the field a zero placeholder; asked for weights it cannot give
   (the average on), the restore names the field and the fix."""
   cfg, _ = step_fn
-  state = training.create_train_state(cfg, jax.random.PRNGKey(0))
+  state = train_state.create_train_state(cfg, jax.random.PRNGKey(0))
   old = {f: getattr(state, f) for f in state.__dataclass_fields__ if f != 'params_ema'}
   ck = ckpt_lib.Checkpointer(str(tmp_path / 'w'))
   ck.save(3, old, {'step': 3})
   ck.wait()
   ck.close()
   ck = ckpt_lib.Checkpointer(str(tmp_path / 'w'))        # a reader, as eval and separate are
-  abstract = jax.eval_shape(lambda: training.create_train_state(cfg, jax.random.PRNGKey(0)))
+  abstract = jax.eval_shape(lambda: train_state.create_train_state(cfg, jax.random.PRNGKey(0)))
   restored, meta, step = ck.restore('latest', abstract)
   assert step == 3 and meta['step'] == 3 and float(restored.params_ema) == 0.0
   np.testing.assert_array_equal(restored.codebook_ema, state.codebook_ema)
   on = cfg.copy_and_resolve_references()
   on.optim.param_ema_decay = 0.99
-  abstract_on = jax.eval_shape(lambda: training.create_train_state(on, jax.random.PRNGKey(0)))
+  abstract_on = jax.eval_shape(lambda: train_state.create_train_state(on, jax.random.PRNGKey(0)))
   with pytest.raises(ValueError, match=r'no params_ema.*param_ema_decay=0'):
     ck.restore('latest', abstract_on)
   ck.close()
