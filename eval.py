@@ -1,6 +1,6 @@
 """Evaluates a trained workdir on a split with the SI-SDRi protocol.
 
-  python eval.py --workdir DIR [--split test] [--checkpoint best|latest|STEP]
+  python eval.py --workdir DIR [--split test] [--checkpoint best|latest|STEP] [--shifts N]
                  [--config configs/rqvae.py:variant --config.data.root=...]
 
 (`rqvae-eval` after `pip install`: the same command, rqvae_jax/commands.py.) Without

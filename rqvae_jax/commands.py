@@ -29,7 +29,7 @@ rqvae_jax/resume.py lists those that may change (lr, steps, logging...), and
 
 EVAL_USAGE = """Evaluates a trained workdir on a split with the SI-SDRi protocol.
 
-  rqvae-eval --workdir DIR [--split test] [--checkpoint best|latest|STEP]
+  rqvae-eval --workdir DIR [--split test] [--checkpoint best|latest|STEP] [--shifts N]
              [--config rqvae:VARIANT --config.data.root=...]   (python eval.py ... in a clone)
 
 Without --config the workdir's saved config is used; with it, its model fields must match
@@ -111,6 +111,10 @@ def _eval_main(argv):
   def run():
     compilation_cache.enable()
     config = f.config if f.config is not None else checkpoints.load_config(f.workdir)
+    if f.shifts is not None:      # a plain flag: --config.inference.shifts needs --config
+      config = config.copy_and_resolve_references()
+      with config.unlocked():
+        config.inference.shifts = f.shifts
     evaluation.evaluate(config, f.workdir, f.split, f.checkpoint)
 
   return cli.run_guarded(run, f.verbose)
@@ -123,6 +127,9 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> None:
   flags.DEFINE_string('workdir', None, 'Training workdir (config.json and checkpoints).')
   flags.DEFINE_string('split', 'test', 'Split to evaluate: train, validation or test.')
   flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step number.")
+  flags.DEFINE_integer('shifts', None, "Passes averaged over shifted chunk grids (Demucs' "
+                       'shift trick, track mode; N times the work). Default: the config\'s '
+                       'inference.shifts (1).')
   config_flags.DEFINE_config_file('config', None, 'Optional config, rqvae[:VARIANT] or '
                                   'FILE.py[:VARIANT] (default: the saved one).',
                                   lock_config=True)

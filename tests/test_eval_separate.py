@@ -197,12 +197,16 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, smoke_run):
 def test_eval_cli_uses_the_saved_config(smoke_run):
   _, workdir = smoke_run
   out = subprocess.run([sys.executable, 'eval.py', '--workdir', workdir, '--split', 'validation',
-                        '--checkpoint', 'latest'], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+                        '--checkpoint', 'latest', '--shifts', '2'], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert 'SI-SDRi (dB), split validation' in out.stdout
   saved = json.load(open(os.path.join(workdir, 'eval', 'validation', 'metrics.json')))
   assert saved['split'] == 'validation' and saved['checkpoint_step'] == 4
+  assert saved['shifts'] == 2                 # --shifts without --config reaches the protocol
+  bad = subprocess.run([sys.executable, 'eval.py', '--workdir', workdir, '--shifts', '0'],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and '--shifts must be at least 1' in bad.stderr
 
 
 def test_eval_reports_absolute_sisdr_beside_the_improvement(smoke_run):
