@@ -78,7 +78,7 @@ class Codec:
     from rqvae_jax import train_state   # pylint: disable=g-import-not-at-top
     config = ckpt_lib.load_config(workdir)
     check_codec_config(config)       # before the restore: a wrong workdir fails at once
-    abstract = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)))
+    abstract = train_state.abstract_train_state(config)
     checkpointer = ckpt_lib.Checkpointer(workdir)
     state, _, step = checkpointer.restore(checkpoint, abstract)
     checkpointer.close()

@@ -19,6 +19,7 @@ from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import import_original
 from rqvae_jax import original_layout as layout
 from rqvae_jax import torch_format
+from rqvae_jax import train_state
 
 
 def state_dict_of(workdir: str, checkpoint: Union[str, int] = 'best', codebooks: str = 'ema',
@@ -32,7 +33,8 @@ def state_dict_of(workdir: str, checkpoint: Union[str, int] = 'best', codebooks:
   import_original.check_normalisation(config)
   checkpointer = ckpt_lib.Checkpointer(workdir)
   try:
-    state, _, step = checkpointer.restore(checkpoint, import_original.abstract_state(config))
+    abstract = train_state.abstract_train_state(config)
+    state, _, step = checkpointer.restore(checkpoint, abstract)
   finally:
     checkpointer.close()
   variables = jax.device_get(state.variables(use_ema=codebooks == 'ema'))

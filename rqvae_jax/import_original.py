@@ -90,19 +90,13 @@ def check_normalisation(config: ml_collections.ConfigDict) -> None:
                              f'model runs at {ORIGINAL_SAMPLE_RATE} Hz.')
 
 
-def abstract_state(config: ml_collections.ConfigDict):
-  """Shapes of the train state that training writes (nothing is computed)."""
-  from rqvae_jax import train_state
-  return jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)))
-
-
 def build_state(config: ml_collections.ConfigDict, variables: Mapping, step: int,
                 ema_codebooks: Optional[np.ndarray] = None, abstract=None):
   """A TrainState holding imported variables, as training would have saved it: Adam's
   moments zero, codebook usage zero (no usage statistics survive in the original's
   checkpoints), the codebook EMA the given one or the codebooks, the plateau state fresh."""
   from rqvae_jax import train_state
-  abstract = abstract if abstract is not None else abstract_state(config)
+  abstract = abstract if abstract is not None else train_state.abstract_train_state(config)
   params = jax.tree_util.tree_map(jnp.asarray, variables['params'])
   codebooks = params['quantizer']['codebooks']
   if ema_codebooks is not None and ema_codebooks.shape != codebooks.shape:
@@ -145,7 +139,7 @@ def convert(path: str, config: ml_collections.ConfigDict,
   layout.check_architecture(config.model)
   check_normalisation(config)
   ckpt = read_checkpoint(path, config.model.quantizer.num_quantizers)
-  abstract = abstract_state(config)
+  abstract = train_state.abstract_train_state(config)
   variables, bn_step = layout.to_variables(
       ckpt.state_dict, config.model,
       {'params': abstract.params, 'batch_stats': abstract.batch_stats})

@@ -131,8 +131,8 @@ def train_step(state: PriorState, codes, *, model, config):
 
   (loss, per_depth), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   lr = train_state.learning_rate(state.step, 1.0, config.optim, config.num_train_steps)
-  updates, opt_state = train_state.make_optimizer(config.optim).update(grads, state.opt_state,
-                                                                    state.params)
+  optimizer = train_state.make_optimizer(config.optim)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = jax.tree_util.tree_map(lambda p, u: p - lr * u, state.params, updates)
   decay = config.ema_decay
   ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema, params)

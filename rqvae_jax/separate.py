@@ -59,7 +59,7 @@ class Separator:
     if config is not None:
       ckpt_lib.check_config_matches(saved, config)
     config = config or saved
-    abstract = jax.eval_shape(lambda: train_state.create_train_state(config, jax.random.PRNGKey(0)))
+    abstract = train_state.abstract_train_state(config)
     checkpointer = ckpt_lib.Checkpointer(workdir)
     state, _, step = checkpointer.restore(checkpoint, abstract)
     checkpointer.close()

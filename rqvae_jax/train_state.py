@@ -109,6 +109,12 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
       nan_skips=jnp.asarray(0, jnp.int32))
 
 
+def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
+  """The shapes and dtypes of `create_train_state(config, ...)`, nothing computed: the
+  target every checkpoint restore (training, separation, the codec, import) reads into."""
+  return jax.eval_shape(lambda: create_train_state(config, jax.random.PRNGKey(0)))
+
+
 def keeps_param_ema(state) -> bool:
   """Whether `state.params_ema` holds weights (not the scalar placeholder of a run without)."""
   return getattr(state.params_ema, 'shape', None) != ()

@@ -119,7 +119,8 @@ def _finish_step(config, state, loss, grad_norm, parts, lr, params, batch_stats,
   params_ema = state.params_ema
   if state_lib.keeps_param_ema(state):
     params_ema = pick(state_lib.update_params_ema(state.params_ema, params, state.step,
-                                        config.optim.param_ema_decay), state.params_ema)
+                                                  config.optim.param_ema_decay),
+                      state.params_ema)
   new_state = state.replace(
       step=state.step + 1,
       params=pick(params, state.params),

@@ -26,7 +26,7 @@ def codec_config(root):
 def random_state(cfg, seed: int = 0):
   """A TrainState of cfg's shapes: weights N(0, 0.3^2)/sqrt(fan-in), BatchNorm identity."""
   from rqvae_jax import train_state
-  abstract = jax.eval_shape(lambda: train_state.create_train_state(cfg, jax.random.PRNGKey(0)))
+  abstract = train_state.abstract_train_state(cfg)
   rng = np.random.default_rng(seed)
 
   def fill(path, leaf):

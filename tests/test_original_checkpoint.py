@@ -28,6 +28,7 @@ from rqvae_jax import export_original
 from rqvae_jax import import_original
 from rqvae_jax import original_layout as layout
 from rqvae_jax import torch_format
+from rqvae_jax import train_state
 from rqvae_jax.model import Encoder, RQVAE
 from rqvae_jax.separate import Separator
 from tests import original_rqvae
@@ -61,7 +62,7 @@ def _restore(workdir: str):
   config = ckpt_lib.load_config(workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir)
   try:
-    state, meta, step = checkpointer.restore('latest', import_original.abstract_state(config))
+    state, meta, step = checkpointer.restore('latest', train_state.abstract_train_state(config))
   finally:
     checkpointer.close()
   return config, jax.device_get(state), meta, step
@@ -269,7 +270,7 @@ def test_non_tensor_pickled_objects_are_refused(tmp_path):
   assert not marker.exists()
   torch.save({'encoder.fc.bias': [0.0] * 256}, path)    # plain data, but not a tensor
   config = rqvae.get_config('original')
-  abstract = import_original.abstract_state(config)
+  abstract = train_state.abstract_train_state(config)
   with pytest.raises(layout.LayoutError, match=r'encoder\.fc\.bias holds a list, not a tensor'):
     layout.to_variables(import_original.read_checkpoint(path, 12).state_dict, config.model,
                         {'params': abstract.params, 'batch_stats': abstract.batch_stats})

@@ -573,13 +573,13 @@ def test_checkpoint_saved_before_params_ema_restores_with_it_off(tmp_path, step_
   ck.wait()
   ck.close()
   ck = ckpt_lib.Checkpointer(str(tmp_path / 'w'))        # a reader, as eval and separate are
-  abstract = jax.eval_shape(lambda: train_state.create_train_state(cfg, jax.random.PRNGKey(0)))
+  abstract = train_state.abstract_train_state(cfg)
   restored, meta, step = ck.restore('latest', abstract)
   assert step == 3 and meta['step'] == 3 and float(restored.params_ema) == 0.0
   np.testing.assert_array_equal(restored.codebook_ema, state.codebook_ema)
   on = cfg.copy_and_resolve_references()
   on.optim.param_ema_decay = 0.99
-  abstract_on = jax.eval_shape(lambda: train_state.create_train_state(on, jax.random.PRNGKey(0)))
+  abstract_on = train_state.abstract_train_state(on)
   with pytest.raises(ValueError, match=r'no params_ema.*param_ema_decay=0'):
     ck.restore('latest', abstract_on)
   ck.close()
