@@ -78,10 +78,7 @@ class Codec:
     from rqvae_jax import train_state   # pylint: disable=g-import-not-at-top
     config = ckpt_lib.load_config(workdir)
     check_codec_config(config)       # before the restore: a wrong workdir fails at once
-    abstract = train_state.abstract_train_state(config)
-    checkpointer = ckpt_lib.Checkpointer(workdir)
-    state, _, step = checkpointer.restore(checkpoint, abstract)
-    checkpointer.close()
+    state, step = train_state.restore_train_state(workdir, config, checkpoint)
     return cls(config, state.inference_variables(config.inference), step)
 
   def _chunks(self, audio: np.ndarray) -> np.ndarray:

@@ -31,12 +31,7 @@ def state_dict_of(workdir: str, checkpoint: Union[str, int] = 'best', codebooks:
   config = ckpt_lib.load_config(workdir)
   layout.check_architecture(config.model)
   import_original.check_normalisation(config)
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  try:
-    abstract = train_state.abstract_train_state(config)
-    state, _, step = checkpointer.restore(checkpoint, abstract)
-  finally:
-    checkpointer.close()
+  state, step = train_state.restore_train_state(workdir, config, checkpoint)
   variables = jax.device_get(state.variables(use_ema=codebooks == 'ema'))
   flat = layout.to_state_dict(variables, config.model, step=int(step))
   return collections.OrderedDict((prefix + k, v) for k, v in flat.items())

@@ -59,10 +59,7 @@ class Separator:
     if config is not None:
       ckpt_lib.check_config_matches(saved, config)
     config = config or saved
-    abstract = train_state.abstract_train_state(config)
-    checkpointer = ckpt_lib.Checkpointer(workdir)
-    state, _, step = checkpointer.restore(checkpoint, abstract)
-    checkpointer.close()
+    state, step = train_state.restore_train_state(workdir, config, checkpoint)
     return cls.from_variables(config, state.inference_variables(config.inference), step)
 
   @classmethod

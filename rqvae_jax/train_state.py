@@ -7,7 +7,7 @@ a checkpoint without importing the training loop (clu, the data pipeline).
 """
 import functools
 import hashlib
-from typing import Any, Dict
+from typing import Any, Dict, Tuple, Union
 
 import flax
 import jax
@@ -16,6 +16,7 @@ import ml_collections
 import optax
 
 from rqvae_jax import bottleneck
+from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import quantizer as qz
 from rqvae_jax.model import RQVAE
 
@@ -113,6 +114,19 @@ def abstract_train_state(config: ml_collections.ConfigDict) -> TrainState:
   """The shapes and dtypes of `create_train_state(config, ...)`, nothing computed: the
   target every checkpoint restore (training, separation, the codec, import) reads into."""
   return jax.eval_shape(lambda: create_train_state(config, jax.random.PRNGKey(0)))
+
+
+def restore_train_state(workdir: str, config: ml_collections.ConfigDict,
+                        checkpoint: Union[str, int] = 'best') -> Tuple[TrainState, int]:
+  """(state, step) of a workdir's checkpoint ('best', 'latest' or a step), read into
+  `config`'s shapes: what separation, the codec and the export start from. The checkpointer
+  is closed before returning, also when the restore fails."""
+  checkpointer = ckpt_lib.Checkpointer(workdir)
+  try:
+    state, _, step = checkpointer.restore(checkpoint, abstract_train_state(config))
+  finally:
+    checkpointer.close()
+  return state, step
 
 
 def keeps_param_ema(state) -> bool:
