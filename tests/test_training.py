@@ -583,3 +583,22 @@ def test_checkpoint_saved_before_params_ema_restores_with_it_off(tmp_path, step_
   with pytest.raises(ValueError, match=r'no params_ema.*param_ema_decay=0'):
     ck.restore('latest', abstract_on)
   ck.close()
+
+
+def test_restore_train_state_reads_a_workdirs_checkpoint(tmp_path, step_fn):
+  """What separation, the codec and the export start from: (state, step) of 'latest', of
+  'best' (no validation yet: the latest) and of a step; an empty workdir is a clear error."""
+  cfg, _ = step_fn
+  with pytest.raises(FileNotFoundError, match='has no checkpoint yet'):
+    train_state.restore_train_state(str(tmp_path / 'empty'), cfg, 'best')
+  state = train_state.create_train_state(cfg, jax.random.PRNGKey(1))
+  ck = ckpt_lib.Checkpointer(str(tmp_path / 'w'))
+  ck.save(5, state, {'step': 5})
+  ck.wait()
+  ck.close()
+  for which in ('latest', 'best', 5):
+    restored, step = train_state.restore_train_state(str(tmp_path / 'w'), cfg, which)
+    assert step == 5
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(restored.params),
+                           jax.device_get(state.params))
+    np.testing.assert_array_equal(restored.codebook_ema, state.codebook_ema)
