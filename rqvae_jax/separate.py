@@ -28,7 +28,6 @@ import ml_collections
 import numpy as np
 
 from rqvae_jax import audio as audio_lib
-from rqvae_jax import bottleneck
 from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import metrics as metrics_lib
 from rqvae_jax import stem_files

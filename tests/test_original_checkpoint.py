@@ -24,7 +24,6 @@ except ImportError as e:  # not a skip: these tests are the importer's parity ch
 
 from configs import rqvae
 from rqvae_jax import checkpoints as ckpt_lib
-from rqvae_jax import export_original
 from rqvae_jax import import_original
 from rqvae_jax import original_layout as layout
 from rqvae_jax import torch_format
