@@ -345,3 +345,14 @@ class Checkpointer:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def restore_once(workdir: str, which: Union[str, int], abstract_state):
+  """(state, meta, step) of one checkpoint of `workdir` ('best', 'latest' or a step), for
+  readers that restore once and go (separation, the codec, the export, the prior): the
+  checkpointer is closed before returning, also when the restore fails."""
+  checkpointer = Checkpointer(workdir)
+  try:
+    return checkpointer.restore(which, abstract_state)
+  finally:
+    checkpointer.close()

@@ -268,7 +268,5 @@ def restore(workdir: str, checkpoint='latest'):
   codebooks = codec.variables['params']['quantizer']['codebooks']
   abstract = jax.eval_shape(lambda: create_state(config, model, codebooks,
                                                  jax.random.PRNGKey(0)))
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  state, _, _ = checkpointer.restore(checkpoint, abstract)
-  checkpointer.close()
+  state, _, _ = ckpt_lib.restore_once(workdir, checkpoint, abstract)
   return config, model, state, codec

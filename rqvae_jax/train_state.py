@@ -120,12 +120,8 @@ def restore_train_state(workdir: str, config: ml_collections.ConfigDict,
                         checkpoint: Union[str, int] = 'best') -> Tuple[TrainState, int]:
   """(state, step) of a workdir's checkpoint ('best', 'latest' or a step), read into
   `config`'s shapes: what separation, the codec and the export start from. The checkpointer
-  is closed before returning, also when the restore fails."""
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  try:
-    state, _, step = checkpointer.restore(checkpoint, abstract_train_state(config))
-  finally:
-    checkpointer.close()
+  is closed before returning, also when the restore fails (checkpoints.restore_once)."""
+  state, _, step = ckpt_lib.restore_once(workdir, checkpoint, abstract_train_state(config))
   return state, step
 
 

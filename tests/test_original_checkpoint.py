@@ -59,11 +59,8 @@ def _rel(ours: np.ndarray, ref: np.ndarray) -> float:
 
 def _restore(workdir: str):
   config = ckpt_lib.load_config(workdir)
-  checkpointer = ckpt_lib.Checkpointer(workdir)
-  try:
-    state, meta, step = checkpointer.restore('latest', train_state.abstract_train_state(config))
-  finally:
-    checkpointer.close()
+  state, meta, step = ckpt_lib.restore_once(workdir, 'latest',
+                                            train_state.abstract_train_state(config))
   return config, jax.device_get(state), meta, step
 
 
