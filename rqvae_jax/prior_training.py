@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence
 
 import flax
 import jax
