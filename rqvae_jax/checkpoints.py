@@ -269,6 +269,9 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       if isinstance(e, CheckpointSaveError):
         raise
+      # With no earlier save in flight the failure is this step's own (Orbax may fail it
+      # before returning, e.g. under load): name this step, not "step None".
+      self._saving.setdefault(name, step)
       raise self._failed(name, manager, e) from e
     self._saving[name] = step
 

@@ -453,9 +453,9 @@ def test_failed_async_save_is_raised_at_once_with_path_and_free_space(tmp_path, 
     raise OSError(errno.ENOSPC, 'No space left on device', str(directory))
 
   monkeypatch.setattr(jch.JsonCheckpointHandler, '_save_fn', disk_full)
-  ck.save(2, state, {'step': 2})
   deadline = time.time() + 60
   with pytest.raises(ckpt_lib.CheckpointSaveError) as raised:
+    ck.save(2, state, {'step': 2})      # usually returns and fails in the background
     while time.time() < deadline:
       ck.check_saves()
       time.sleep(0.05)
@@ -468,6 +468,28 @@ def test_failed_async_save_is_raised_at_once_with_path_and_free_space(tmp_path, 
   assert os.listdir(tmp_path / 'w' / 'checkpoints') == ['1']       # partial folder removed
   restored, meta, step = ck.restore('latest', state)
   assert step == 1 and meta == {'step': 1}
+  ck.close()
+
+
+def test_save_failing_before_it_returns_names_its_own_step(tmp_path, monkeypatch):
+  """A save that fails at once (no earlier save in flight) is reported as that step's, with
+  its folder, and the earlier checkpoint is named as intact."""
+  import errno
+  ck = ckpt_lib.Checkpointer(str(tmp_path / 'w'), keep=3)
+  state = {'w': jnp.arange(10.0)}
+  ck.save(1, state, {'step': 1})
+  ck.wait()
+
+  def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(ck.latest, 'save', disk_full)
+  with pytest.raises(ckpt_lib.CheckpointSaveError) as raised:
+    ck.save(2, state, {'step': 2})
+  message = str(raised.value)
+  assert f"step 2 to {tmp_path / 'w' / 'checkpoints' / '2'} failed" in message
+  assert 'No space left' in message and '([1])' in message
+  monkeypatch.undo()
   ck.close()
 
 
