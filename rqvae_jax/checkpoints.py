@@ -238,8 +238,11 @@ class Checkpointer:
   def _managers(self):
     return (('checkpoints', self.latest), ('best', self.best))
 
-  def _failed(self, name: str, manager, error: BaseException) -> CheckpointSaveError:
-    step = self._saving.pop(name, None)
+  def _failed(self, name: str, manager, error: BaseException,
+              starting_step: Optional[int] = None) -> CheckpointSaveError:
+    """The error for `name`'s failed save: the one in flight, else `starting_step` (a save
+    that Orbax failed before returning)."""
+    step = self._saving.pop(name, starting_step)
     directory = self.dirs[name]
     kept = sorted(manager.all_steps())
     where = os.path.join(directory, str(step)) if step is not None else directory
@@ -269,10 +272,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       if isinstance(e, CheckpointSaveError):
         raise
-      # With no earlier save in flight the failure is this step's own (Orbax may fail it
-      # before returning, e.g. under load): name this step, not "step None".
-      self._saving.setdefault(name, step)
-      raise self._failed(name, manager, e) from e
+      raise self._failed(name, manager, e, starting_step=step) from e
     self._saving[name] = step
 
   def save(self, step: int, state, meta: Dict[str, Any]) -> None:
