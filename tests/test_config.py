@@ -61,3 +61,15 @@ def test_cpu_hour_workdir_saved_before_the_wider_mask_head_loads_as_it_was_train
   assert loaded.model.mask_bin_layers == 0
   assert loaded.model.mask_bin_dilate_time is False and loaded.optim.param_ema_decay == 0.0
   assert loaded.inference.use_ema_params is True
+
+
+def test_cpu_hour_workdir_saved_with_the_800_point_mask_stft_keeps_it(tmp_path):
+  """`cpu_hour` now masks a 1600-point STFT with a 12-wide per-bin network; a workdir trained
+  before (800 points, 8 wide, both saved in config.json) must load with its own values, or
+  its checkpoint would not fit the model built from the config."""
+  cfg = get_config('cpu_hour')
+  assert (cfg.model.mask_fft, cfg.model.mask_bin_features) == (1600, 12)
+  cfg.model.mask_fft, cfg.model.mask_bin_features = 800, 8
+  ckpt_lib.save_config(str(tmp_path), cfg)
+  loaded = ckpt_lib.load_config(str(tmp_path))
+  assert (loaded.model.mask_fft, loaded.model.mask_bin_features) == (800, 8)
