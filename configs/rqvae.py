@@ -249,10 +249,10 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
       c.eval_every_steps = 250
       c.checkpoint_every_steps = 500
       c.num_eval_batches = 8
-      # A wider decoder (256-unit BiLSTM) and the per-bin mask network: each +0.33 dB over
-      # the demo's head at 500 steps, at 0.80x / 0.89x its speed (README: Demo).
+      # A wider decoder (256-unit BiLSTM) and the per-bin mask network (8 wide then; its
+      # width is set below): each +0.33 dB over the demo's head at 500 steps, at 0.80x / 0.89x
+      # its speed (README: Demo).
       m.mask_hidden = 256
-      m.mask_bin_features = 8                # 12 below
       # Four residual (time x frequency) convs in the per-bin network, dilated 1, 2, 4, 8 in
       # frequency, with gradients clipped to norm 1 (without the clip a step-500 spike cost
       # 1.6 dB of validation): test 7.67 vs 7.41, piano above its all-zero figure, at 0.75x
@@ -267,7 +267,7 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
       o.param_ema_decay = 0.999
       # A 1600-point STFT for the mask (801 bins of 13.8 Hz, hop still 200) and the per-bin
       # network 12 wide: test 8.23 vs 7.90 (all-zero 5.05, so +3.18), validation 8.62 vs 8.23
-      # at step 3000, at ~1.6x the time per step (README: An hour on the CPU). Each alone
+      # at step 3000, at ~1.5x the time per step (README: An hour on the CPU). Each alone
       # gave 7.96 / 7.97. Workdirs saved before keep their own values (config.json has both).
       m.mask_fft = 1600
       m.mask_bin_features = 12
