@@ -104,7 +104,7 @@ class ResidualVQ(nn.Module):
     dist_dtype = _dtype(self.distance_dtype)
 
     def stage(carry, codebook):
-      residual, cumulative = carry
+      residual, cumulative, quantized = carry
       idx = nearest_code(jax.lax.stop_gradient(residual), codebook, dist_dtype)
       q = jnp.take(codebook, idx, axis=0)
       cumulative = cumulative + jax.lax.stop_gradient(q)
@@ -113,11 +113,14 @@ class ResidualVQ(nn.Module):
                 jnp.mean(jnp.square(flat - cumulative)))
       z_q = residual + jax.lax.stop_gradient(q - residual) if train else q
       counts = jnp.zeros((self.codebook_size,), jnp.float32).at[idx].add(1.0)
-      return (residual - z_q, cumulative), (z_q, idx, residual, counts, losses)
+      return (residual - z_q, cumulative, quantized + z_q), (idx, residual, counts, losses)
 
-    init = (flat, jnp.zeros_like(flat))
-    _, (z_qs, idx, residuals, counts, losses) = jax.lax.scan(stage, init, self.codebooks)
-    quantized = jnp.sum(z_qs, axis=0).reshape(batch, length, dim)
+    # The quantized sum is carried, not stacked per stage and summed afterwards: that sum
+    # was a separate reduction of 12 x (B*T, D), ~5 % of the eval forward on the CPU.
+    init = (flat, jnp.zeros_like(flat), jnp.zeros_like(flat))
+    (_, _, quantized), (idx, residuals, counts, losses) = jax.lax.scan(stage, init,
+                                                                       self.codebooks)
+    quantized = quantized.reshape(batch, length, dim)
     if train and not self.is_initializing():
       self.usage.value = self.usage_decay * (self.usage.value + counts)
     aux = {
