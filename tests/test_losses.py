@@ -118,6 +118,21 @@ def test_folded_small_window_gradient_matches_direct_rfft():
                              atol=1e-4 * float(jnp.max(jnp.abs(g1))))
 
 
+def test_short_windows_take_their_spectrum_as_a_dft_matmul_equal_to_numpys_rfft():
+  """w <= MAX_DFT_WINDOW: frames @ _dft_matrix is the windowed, zero-padded rfft."""
+  win = losses.MAX_DFT_WINDOW
+  window, fft_size, _ = losses._spectrum_constants(SR, 512, win, NUM_MELS)
+  dft = losses._dft_matrix(SR, 512, win, NUM_MELS)
+  bins = fft_size // 2 + 1
+  assert dft.shape == (win, 2 * bins) and dft.dtype == np.float32
+  frames = _audio((50, win), seed=5).astype(np.float64)
+  ref = np.fft.rfft(frames * window, n=fft_size, axis=-1)
+  ours = frames @ dft.astype(np.float64)
+  scale = np.abs(ref).max()
+  np.testing.assert_allclose(ours[:, :bins], ref.real, atol=1e-6 * scale)
+  np.testing.assert_allclose(ours[:, bins:], ref.imag, atol=1e-6 * scale)
+
+
 def test_mel_spectrogram_hop_not_dividing_window():
   x = _audio((1, 3000), seed=1)
   ours, ref = _our_mel(x, 512, 400, 160), _librosa_mel(x, 512, 400, 160)
