@@ -203,18 +203,20 @@ def multiscale_mel_loss(target, estimate, loss_config, sample_rate: int) -> jnp.
   """
   target = jnp.asarray(target, jnp.float32)
   estimate = jnp.asarray(estimate, jnp.float32)
-  batch = target.shape[0]
-  # One spectrogram call for target and estimate, all stems: (2B, S, N).
-  both = jnp.swapaxes(jnp.concatenate([target, estimate], axis=0), -1, -2)
+  # Target and estimate in separate spectrogram calls, all stems in each: (B, S, N). One
+  # call on their concatenation ran the gradient's inverse transforms over the target half
+  # too (zeros): the paper's mel loss, forward and gradient, batch 2, took 750-800 ms that
+  # way and 445-530 ms this way (AMD EPYC AVX2, three interleaved pairs).
+  target, estimate = jnp.swapaxes(target, -1, -2), jnp.swapaxes(estimate, -1, -2)
   eps = loss_config.log_epsilon
   log_weight = getattr(loss_config, 'mel_log_weight', 1.0)
   total = jnp.zeros((), jnp.float32)
   for p in loss_config.mel_window_powers:
     win = 2 ** int(p)
     n_fft = max(int(loss_config.mel_min_n_fft), win)
-    mel = _mel_frames(both, sample_rate=sample_rate, n_fft=n_fft, win_length=win,
-                      hop_length=win // 4, num_mels=int(loss_config.num_mels))
-    mel_t, mel_e = mel[:batch], mel[batch:]                       # (B, S, T, M)
+    mel_t, mel_e = (_mel_frames(x, sample_rate=sample_rate, n_fft=n_fft, win_length=win,
+                                hop_length=win // 4, num_mels=int(loss_config.num_mels))
+                    for x in (target, estimate))                  # (B, S, T, M)
     l1 = jnp.sum(jnp.abs(mel_t - mel_e), axis=-1)                  # (B, S, T)
     l2 = _safe_norm(jnp.log(mel_t + eps) - jnp.log(mel_e + eps), axis=-1)
     # Mean over (batch, frames) per stem, summed over stems.
@@ -319,15 +321,19 @@ def multiresolution_stft_loss(target, estimate, window_powers, log_floor: float 
   """
   target = jnp.asarray(target, jnp.float32)
   estimate = jnp.asarray(estimate, jnp.float32)
-  batch = target.shape[0]
-  both = jnp.swapaxes(jnp.concatenate([target, estimate], axis=0), -1, -2)   # (2B, S, N)
+  # Separate calls for target and estimate, as in multiscale_mel_loss (no gradient
+  # transforms over the target).
+  target, estimate = jnp.swapaxes(target, -1, -2), jnp.swapaxes(estimate, -1, -2)  # (B, S, N)
   total = jnp.zeros((), jnp.float32)
   for p in window_powers:
     win = 2 ** int(p)
     window = (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(win) / win)).astype(np.float32)
-    spec = jnp.fft.rfft(_frames(both, win, win, win // 4) * window, axis=-1)
-    mag = jnp.sqrt(jnp.square(spec.real) + jnp.square(spec.imag) + 1e-12) / np.sqrt(win)
-    mag_t, mag_e = mag[:batch], mag[batch:]                                  # (B, S, T, F)
+
+    def magnitude(x):
+      spec = jnp.fft.rfft(_frames(x, win, win, win // 4) * window, axis=-1)
+      return jnp.sqrt(jnp.square(spec.real) + jnp.square(spec.imag) + 1e-12) / np.sqrt(win)
+
+    mag_t, mag_e = magnitude(target), magnitude(estimate)                   # (B, S, T, F)
     diff = jnp.sum(jnp.square(mag_t - mag_e), axis=(0, 2, 3))
     ref = jnp.sum(jnp.square(mag_t), axis=(0, 2, 3))
     present = ref > 1e-6 * jnp.max(ref)
