@@ -1,14 +1,17 @@
 """The benchmark suite: prints one JSON object and appends it to a JSONL file for plotting.
 
   python -m benchmarks.run [--config paper] [--batch 2] [--what train,separate,data]
-                           [--steps 5] [--compare_original] [--quick]
+                           [--steps 5] [--compare_original [--rounds 3]] [--quick]
 
 Measures, on whatever device JAX sees: compile time, step time (median/min/max after
 warm-up), training audio-seconds/s, separation audio-seconds/s for 4 s chunks and for a
 3-minute song through the separate command's path (overlap-add), peak host memory (and
 device memory on GPU), the data stream's examples/s, and the mel loss's share of the step.
 `--compare_original` runs the original PyTorch code's bench (../shared/original/bench.sh)
-in the same sitting and adds the speed ratios. `--quick` is the CI-safe smoke version.
+in the same sitting and adds the speed ratios; with `--rounds N` it alternates ours and the
+original N times and reports each round's ratios and their median (on these shared 2-core
+machines one side's time swings 10-20 % between minutes, so one pair can mislead).
+`--quick` is the CI-safe smoke version.
 """
 import argparse
 import datetime
@@ -111,6 +114,8 @@ def bench_separate(config, batch: int, steps: int, warmup: int, song_seconds: fl
   out.update({'separate_in_flight': in_flight,
               'separate_in_flight_audio_s_per_s': round(stream.size / config.data.sample_rate
                                                         / dt, 2)})
+  if song_seconds <= 0:                          # later --rounds: chunks only
+    return out
   # A whole song through the separate command's path (overlap-add, inference batch size).
   song = (0.05 * rng.normal(size=int(song_seconds * config.data.sample_rate))).astype(np.float32)
   sep(song[:sep.chunk * 2])                      # compile the inference batch shape
@@ -160,6 +165,43 @@ def original_bench(batch: int, steps: int):
   return json.loads(lines[-1]) if lines else {'error': out.stderr[-500:]}
 
 
+def speed_ratios(ours, original):
+  """Ours over the original (>1: ours is faster) for training and separation, where both
+  sides have the figure."""
+  out = {}
+  if 'train_step_s' in original and 'step_s_median' in ours:
+    out['train_speedup_vs_original'] = round(original['train_step_s'] / ours['step_s_median'], 2)
+  if 'separate_audio_s_per_s' in original and 'separate_audio_s_per_s' in ours:
+    out['separate_speedup_vs_original'] = round(
+        ours['separate_audio_s_per_s'] / original['separate_audio_s_per_s'], 2)
+    if 'separate_in_flight_audio_s_per_s' in ours:
+      out['separate_in_flight_speedup_vs_original'] = round(
+          ours['separate_in_flight_audio_s_per_s'] / original['separate_audio_s_per_s'], 2)
+  return out
+
+
+def alternate_rounds(rounds: int, ours_fn, original_fn):
+  """Runs ours_fn(), original_fn() alternately `rounds` times: each round's figures and
+  ratios."""
+  out = []
+  for _ in range(rounds):
+    ours = ours_fn()
+    original = original_fn()
+    out.append({'ours': ours, 'original': original, **speed_ratios(ours, original)})
+  return out
+
+
+def median_ratios(rounds):
+  """Per ratio, the median over the rounds that have it (what the README quotes)."""
+  out = {}
+  for key in ('train_speedup_vs_original', 'separate_speedup_vs_original',
+              'separate_in_flight_speedup_vs_original'):
+    values = [r[key] for r in rounds if key in r]
+    if values:
+      out[key] = round(float(np.median(values)), 2)
+  return out
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--config', default='paper', help='variant of configs/rqvae.py')
@@ -170,6 +212,9 @@ def main(argv=None):
   ap.add_argument('--song_seconds', type=float, default=180.0)
   ap.add_argument('--mel_share', action='store_true', help='also time the step without mel')
   ap.add_argument('--compare_original', action='store_true')
+  ap.add_argument('--rounds', type=int, default=1,
+                  help='with --compare_original: alternate ours and the original this many '
+                       'times, report the median ratios (the 3-minute song only in the first)')
   ap.add_argument('--quick', action='store_true', help='smoke config, tiny sizes (CI)')
   ap.add_argument('--set', action='append', default=[],
                   help='config override KEY=VALUE (python literal), e.g. model.dtype="bfloat16"')
@@ -217,15 +262,22 @@ def main(argv=None):
   result['peak_host_mib'] = round(_peak_host_mib(), 1)
   result['device_memory'] = _device_memory()
   if args.compare_original:
-    orig = original_bench(args.batch, max(steps, 1))
-    result['original'] = orig
-    if 'train_step_s' in orig and 'step_s_median' in result:
-      result['train_speedup_vs_original'] = round(orig['train_step_s'] / result['step_s_median'], 2)
-    if 'separate_audio_s_per_s' in orig and 'separate_audio_s_per_s' in result:
-      result['separate_speedup_vs_original'] = round(
-          result['separate_audio_s_per_s'] / orig['separate_audio_s_per_s'], 2)
-      result['separate_in_flight_speedup_vs_original'] = round(
-          result['separate_in_flight_audio_s_per_s'] / orig['separate_audio_s_per_s'], 2)
+    result['original'] = original_bench(args.batch, max(steps, 1))
+    result.update(speed_ratios(result, result['original']))
+    if args.rounds > 1:
+      def ours():
+        r = {}
+        if 'train' in what:
+          r.update(bench_train(config, args.batch, steps, warmup))
+        if 'separate' in what:
+          r.update(bench_separate(config, max(args.batch, 1), steps, warmup, 0.0))
+        return r
+      first = {'ours': {k: result[k] for k in ('step_s_median', 'separate_audio_s_per_s',
+                                               'separate_in_flight_audio_s_per_s') if k in result},
+               'original': result['original'], **speed_ratios(result, result['original'])}
+      result['rounds'] = [first] + alternate_rounds(
+          args.rounds - 1, ours, lambda: original_bench(args.batch, max(steps, 1)))
+      result.update(median_ratios(result['rounds']))
   line = json.dumps(result)
   print(line)
   if args.out:

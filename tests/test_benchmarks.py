@@ -30,3 +30,28 @@ def test_quick_benchmark_prints_complete_json(tmp_path):
     assert isinstance(result[key], (int, float)) and math.isfinite(result[key]), key
     assert result[key] >= 0, key
   assert result['step_s_min'] <= result['step_s_median'] <= result['step_s_max']
+
+
+def test_rounds_alternate_ours_and_the_original_and_quote_median_ratios():
+  """--rounds: each round pairs one of our runs with one of the original's, in that order,
+  and the quoted ratio is the median over rounds (one slow minute does not decide it)."""
+  from benchmarks import run
+  calls = []
+  ours = iter([{'step_s_median': 2.0, 'separate_audio_s_per_s': 10.0,
+                'separate_in_flight_audio_s_per_s': 12.0},
+               {'step_s_median': 1.0, 'separate_audio_s_per_s': 20.0,
+                'separate_in_flight_audio_s_per_s': 24.0}])
+  originals = iter([{'train_step_s': 3.0, 'separate_audio_s_per_s': 10.0},
+                    {'train_step_s': 3.0, 'separate_audio_s_per_s': 10.0}])
+  rounds = run.alternate_rounds(2, lambda: calls.append('ours') or next(ours),
+                                lambda: calls.append('original') or next(originals))
+  assert calls == ['ours', 'original', 'ours', 'original']
+  assert [r['train_speedup_vs_original'] for r in rounds] == [1.5, 3.0]
+  assert [r['separate_speedup_vs_original'] for r in rounds] == [1.0, 2.0]
+  assert [r['separate_in_flight_speedup_vs_original'] for r in rounds] == [1.2, 2.4]
+  first = {'train_speedup_vs_original': 1.0, 'separate_speedup_vs_original': 0.5}
+  assert run.median_ratios([first] + rounds) == {
+      'train_speedup_vs_original': 1.5, 'separate_speedup_vs_original': 1.0,
+      'separate_in_flight_speedup_vs_original': 1.8}
+  # An original run that failed has no figures: no ratio from that round.
+  assert run.speed_ratios({'step_s_median': 2.0}, {'error': 'bench.sh not found'}) == {}
