@@ -62,7 +62,6 @@ def _timed(fn, steps: int, warmup: int):
 
 def bench_train(config, batch: int, steps: int, warmup: int):
   import jax
-  import jax.numpy as jnp
   from rqvae_jax import parallel, train_state, training
   config = config.copy_and_resolve_references()
   config.batch_size = batch
