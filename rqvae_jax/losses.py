@@ -132,7 +132,9 @@ def _frames(x: jnp.ndarray, n_fft: int, win_length: int, hop_length: int) -> jnp
 # XLA's CPU FFT, and the matmul also drops the zero padding to 192 and the window product.
 # Measured on the 2-core AMD EPYC (AVX2), the w=64 scale of the paper loss, forward and
 # gradient, batch 2 x 4 stems: 261 -> 181 ms and 268 -> 192 ms; w=128 was slower as a
-# matmul (204 -> 226 ms), so it stays an FFT. README: Performance.
+# matmul (204 -> 226 ms), and with target and estimate in separate calls a limit of 128
+# was no faster for the whole loss (median 494-548 against 507-513 ms; 256: 543-569), so
+# longer windows stay FFTs. README: Performance.
 MAX_DFT_WINDOW = 64
 
 
