@@ -250,10 +250,17 @@ def main(argv=None):
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'config': variant, 'overrides': args.set, 'batch': args.batch,
       'segment_samples': int(config.data.segment_samples), 'quick': bool(args.quick)}
-  if 'train' in what:
-    result.update(bench_train(config, args.batch, steps, warmup))
-  if 'separate' in what:
-    result.update(bench_separate(config, max(args.batch, 1), steps, warmup, song_seconds))
+
+  def ours(song_seconds: float):
+    """Training and separation figures; the song is skipped when song_seconds is 0."""
+    r = {}
+    if 'train' in what:
+      r.update(bench_train(config, args.batch, steps, warmup))
+    if 'separate' in what:
+      r.update(bench_separate(config, max(args.batch, 1), steps, warmup, song_seconds))
+    return r
+
+  result.update(ours(song_seconds))
   if args.mel_share:
     result.update(bench_mel_share(config, args.batch, steps, warmup))
   if 'data' in what:
@@ -264,18 +271,11 @@ def main(argv=None):
     result['original'] = original_bench(args.batch, max(steps, 1))
     result.update(speed_ratios(result, result['original']))
     if args.rounds > 1:
-      def ours():
-        r = {}
-        if 'train' in what:
-          r.update(bench_train(config, args.batch, steps, warmup))
-        if 'separate' in what:
-          r.update(bench_separate(config, max(args.batch, 1), steps, warmup, 0.0))
-        return r
       first = {'ours': {k: result[k] for k in ('step_s_median', 'separate_audio_s_per_s',
                                                'separate_in_flight_audio_s_per_s') if k in result},
                'original': result['original'], **speed_ratios(result, result['original'])}
       result['rounds'] = [first] + alternate_rounds(
-          args.rounds - 1, ours, lambda: original_bench(args.batch, max(steps, 1)))
+          args.rounds - 1, lambda: ours(0.0), lambda: original_bench(args.batch, max(steps, 1)))
       result.update(median_ratios(result['rounds']))
   line = json.dumps(result)
   print(line)
