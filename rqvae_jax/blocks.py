@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rqvae_jax.dropout import Dropout
+
 
 def conv_out_length(length: int, kernel: int, stride: int, padding: int) -> int:
   """Output length of a PyTorch-style Conv1d (dilation 1)."""
@@ -234,6 +236,6 @@ class ConvBlock(nn.Module):
     x = layer(self.channels, self.kernel, self.stride, self.padding, self.dtype,
               self.conv_impl)(x)
     x = nn.PReLU(negative_slope_init=self.prelu_init, param_dtype=jnp.float32)(x)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = Dropout(self.dropout, deterministic=not train)(x)
     return ResidualBlock(self.channels, self.prelu_init, self.bn_momentum, self.bn_epsilon,
                          self.dtype, self.conv_impl)(x, train)

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rqvae_jax.dropout import Dropout
+
 # `unroll` of the time scans (forward and backward) in the 'scan' path.
 # benchmarks/lstm_speed.py --threads 1 on the 2-vCPU AMD EPYC dev machine
 # (busy, shared), jit forward+backward, T=441, In=H=256, 2 layers, median CPU
@@ -262,7 +264,7 @@ class BiLSTM(nn.Module):
             y, *[(a.astype(jnp.float32), c.astype(jnp.float32))
                  for a, c in zip(fw, bw)])
         if k < self.num_layers - 1:
-          y = nn.Dropout(self.dropout)(y, deterministic=not train)
+          y = Dropout(self.dropout)(y, deterministic=not train)
       return y.astype(self.dtype)
 
     y = jnp.swapaxes(jnp.asarray(x, self.dtype), 0, 1)  # time-major
@@ -273,5 +275,5 @@ class BiLSTM(nn.Module):
       b = jnp.concatenate([bif + bhf, bib + bhb]).astype(self.dtype)
       y = _bilstm_layer_scan(y, w_ih, w_hh, b, SCAN_UNROLL)
       if k < self.num_layers - 1:
-        y = nn.Dropout(self.dropout)(y, deterministic=not train)
+        y = Dropout(self.dropout)(y, deterministic=not train)
     return jnp.swapaxes(y, 0, 1)

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rqvae_jax.dropout import Dropout
+
 Cache = Tuple[jax.Array, jax.Array]      # keys, values: (B, L_max, H, head_dim)
 
 
@@ -72,13 +74,13 @@ class Block(nn.Module):
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, keys) / np.sqrt(hd).astype(np.float32)
     scores = jnp.where(mask[None, None], scores, jnp.finfo(scores.dtype).min)
     att = jax.nn.softmax(scores, axis=-1)
-    att = nn.Dropout(self.dropout)(att, deterministic=deterministic)
+    att = Dropout(self.dropout)(att, deterministic=deterministic)
     out = jnp.einsum('bhqk,bkhd->bqhd', att, values).reshape(batch, length, dim)
-    x = x + nn.Dropout(self.dropout)(nn.Dense(dim, name='proj')(out), deterministic=deterministic)
+    x = x + Dropout(self.dropout)(nn.Dense(dim, name='proj')(out), deterministic=deterministic)
     h = nn.LayerNorm(name='ln_mlp')(x)
     h = nn.Dense(self.mlp_ratio * dim, name='fc1')(h)
     h = nn.Dense(dim, name='fc2')(nn.gelu(h))
-    return x + nn.Dropout(self.dropout)(h, deterministic=deterministic), new_cache
+    return x + Dropout(self.dropout)(h, deterministic=deterministic), new_cache
 
 
 class Transformer(nn.Module):
@@ -122,7 +124,7 @@ class RQTransformer(nn.Module):
                              (self.num_quantizers, c.d_model, self.codebook_size))
     self.head_b = self.param('head_b', nn.initializers.zeros,
                              (self.num_quantizers, self.codebook_size))
-    self.drop = nn.Dropout(c.dropout)
+    self.drop = Dropout(c.dropout)
 
   def embed(self, codes) -> jax.Array:
     """(..., Q) codes -> (..., Q, D_code) embeddings, depth q from table q."""
