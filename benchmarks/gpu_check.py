@@ -156,7 +156,7 @@ def environment(install: dict):
            'platform_version': getattr(dev.client, 'platform_version', ''),
            'python': platform.python_version(), 'host': platform.node(),
            'cpu_model': machine.cpu_model(), 'cpu_flags': machine.cpu_flags(),
-           'cpu_count': os.cpu_count(), 'install': install}
+           'cpu_count': os.cpu_count(), 'code': machine.code_commit(), 'install': install}
     plugins = {}
     for name in ('jax-cuda12-plugin', 'jax-cuda12-pjrt', 'nvidia-cudnn-cu12'):
       try:

@@ -246,7 +246,7 @@ def main(argv=None):
       'device_kind': dev.device_kind, 'platform': dev.platform, 'device_count': jax.device_count(),
       'cpu_count': os.cpu_count(), 'host': platform.node(),
       'cpu_model': machine.cpu_model(), 'cpu_flags': machine.cpu_flags(),
-      'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
+      'code': machine.code_commit(REPO), 'jax': jax.__version__, 'jaxlib': jaxlib.__version__,
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
       'config': variant, 'overrides': args.set, 'batch': args.batch,
       'segment_samples': int(config.data.segment_samples), 'quick': bool(args.quick)}

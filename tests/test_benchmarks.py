@@ -30,6 +30,12 @@ def test_quick_benchmark_prints_complete_json(tmp_path):
     assert isinstance(result[key], (int, float)) and math.isfinite(result[key]), key
     assert result[key] >= 0, key
   assert result['step_s_min'] <= result['step_s_median'] <= result['step_s_max']
+  head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=REPO, capture_output=True,
+                        text=True)
+  if head.returncode == 0:                            # a git checkout: the commit it measured
+    assert result['code'].split('+')[0] == head.stdout.strip()
+  else:
+    assert result['code'] == 'unknown'
 
 
 def test_rounds_alternate_ours_and_the_original_and_quote_median_ratios():
