@@ -119,14 +119,17 @@ def test_matches_numpy_reference():
 
 def test_inference_and_training_scans_give_the_same_outputs():
   # The scan without residuals (inference) computes the gates in one array, the training
-  # scan per gate: the same functions of the same values, so the same bits.
+  # scan per gate: the same functions of the same values. Equal bits at XLA's default
+  # optimisation level; at level 0 (`make test`) tanh/sigmoid take other code paths and
+  # differ in the last bit (9e-8 seen), so the test allows float32 rounding, far below
+  # any real difference (a swapped gate activation moves outputs by ~1e-1).
   xs = jax.random.normal(jax.random.key(3), (T, 2, B, 4 * H), jnp.float32)
   w_hh = 0.3 * jax.random.normal(jax.random.key(4), (2, 4 * H, H), jnp.float32)
   inference = jax.jit(lambda a, w: lstm_lib._scan_forward(a, w, 1, save_residuals=False))
   training = jax.jit(lambda a, w: lstm_lib._scan_forward(a, w, 1, save_residuals=True))
   hs = np.asarray(inference(xs, w_hh))
   hs_train, cs, (i, f, g, o) = training(xs, w_hh)
-  np.testing.assert_array_equal(hs, np.asarray(hs_train))
+  np.testing.assert_allclose(hs, np.asarray(hs_train), rtol=0, atol=1e-6)
   assert hs.shape == (T, 2, B, H) and cs.shape == (T, 2, B, H)
   assert float(jnp.min(g)) < 0 < float(jnp.max(g))          # tanh on the g block
   assert 0 <= float(jnp.min(jnp.stack([i, f, o]))) and float(jnp.max(jnp.stack([i, f, o]))) <= 1
