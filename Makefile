@@ -46,8 +46,11 @@ TEST_WORKERS ?= auto
 # 117 s -> 69 s). Runs, benchmarks and the GPU check keep the default level.
 TEST_XLA_FLAGS ?= --xla_backend_optimization_level=0
 
+# Huge pages for XLA's per-call buffers in the test processes too (rqvae_jax/hugepages.py: the
+# programs re-execute themselves with it; pytest is not one of them). A GLIBC_TUNABLES of
+# your own is kept as it is.
 test: install $(VENV)/.dev-installed
-	JAX_PLATFORMS=$(TEST_PLATFORMS) XLA_FLAGS="$(TEST_XLA_FLAGS) $$XLA_FLAGS" $(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	GLIBC_TUNABLES="$${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}" JAX_PLATFORMS=$(TEST_PLATFORMS) XLA_FLAGS="$(TEST_XLA_FLAGS) $$XLA_FLAGS" $(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 demo: install
 	$(PY) demo.py --workdir $(or $(WORKDIR),runs/demo)

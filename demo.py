@@ -14,6 +14,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from rqvae_jax import hugepages
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', 'runs/demo', 'Where checkpoints, logs and results go.')
 flags.DEFINE_string('variant', 'demo', 'Config variant of configs/rqvae.py to train.')
@@ -87,4 +89,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  hugepages.reexec_if_useful()
   app.run(main)

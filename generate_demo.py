@@ -19,6 +19,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from rqvae_jax import hugepages
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', 'runs/generate_demo', 'Where the codec, prior and samples go.')
 flags.DEFINE_integer('codec_steps', 0, 'Override the codec variant\'s training steps (0: keep).')
@@ -111,4 +113,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  hugepages.reexec_if_useful()
   app.run(main)

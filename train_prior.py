@@ -15,7 +15,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-from rqvae_jax import bundled, cli
+from rqvae_jax import bundled, cli, hugepages
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for the prior\'s checkpoints, config, logs.')
@@ -39,4 +39,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  hugepages.reexec_if_useful()
   app.run(main, argv=cli.absl_argv(sys.argv))

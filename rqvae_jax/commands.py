@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from rqvae_jax import hugepages
+
 HELP_FLAGS = {'--help', '-help', '-h', '-?', '--helpshort', '--helpfull'}
 
 TRAIN_USAGE = """Trains an RQ-VAE separator.
@@ -85,6 +87,8 @@ def _train_main(argv):
 
 def train(argv: Optional[Sequence[str]] = None) -> None:
   """rqvae-train / python train.py."""
+  if argv is None:
+    hugepages.reexec_if_useful()
   from absl import flags
   from ml_collections import config_flags
   from rqvae_jax import bundled
@@ -122,6 +126,8 @@ def _eval_main(argv):
 
 def evaluate(argv: Optional[Sequence[str]] = None) -> None:
   """rqvae-eval / python eval.py."""
+  if argv is None:
+    hugepages.reexec_if_useful()
   from absl import flags
   from ml_collections import config_flags
   flags.DEFINE_string('workdir', None, 'Training workdir (config.json and checkpoints).')

@@ -30,6 +30,7 @@ import numpy as np
 from rqvae_jax import cli
 from rqvae_jax import codec as codec_lib
 from rqvae_jax import codes_file
+from rqvae_jax import hugepages
 
 
 def _frames(x: np.ndarray, n_fft: int) -> np.ndarray:
@@ -157,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  if argv is None:
+    hugepages.reexec_if_useful()
   args = build_parser().parse_args(cli.argparse_argv(sys.argv[1:] if argv is None else argv))
 
   def run():

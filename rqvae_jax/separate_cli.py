@@ -16,6 +16,7 @@ import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from rqvae_jax import cli
+from rqvae_jax import hugepages
 from rqvae_jax import stem_files
 
 INPUTS = ('Input formats: whatever libsndfile decodes: WAV (also RF64, W64, streaming headers), '
@@ -216,6 +217,8 @@ def _configure(separator, overlap, batch_size, in_flight, segment) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   """rqvae-separate / python -m rqvae_jax.separate; returns the exit status."""
+  if argv is None:
+    hugepages.reexec_if_useful()
   args = build_parser().parse_intermixed_args(
       cli.argparse_argv(sys.argv[1:] if argv is None else argv))
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
