@@ -273,11 +273,12 @@ def main(argv=None):
   result['device_memory'] = _device_memory()
   if args.compare_original:
     result['original'] = original_bench(args.batch, max(steps, 1))
-    result.update(speed_ratios(result, result['original']))
+    ratios = speed_ratios(result, result['original'])
+    result.update(ratios)
     if args.rounds > 1:
       first = {'ours': {k: result[k] for k in ('step_s_median', 'separate_audio_s_per_s',
                                                'separate_in_flight_audio_s_per_s') if k in result},
-               'original': result['original'], **speed_ratios(result, result['original'])}
+               'original': result['original'], **ratios}
       result['rounds'] = [first] + alternate_rounds(
           args.rounds - 1, lambda: ours(0.0), lambda: original_bench(args.batch, max(steps, 1)))
       result.update(median_ratios(result['rounds']))

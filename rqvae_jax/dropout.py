@@ -58,15 +58,22 @@ def _threefry_key_data(key) -> Optional[jax.Array]:
   return key
 
 
-def random_bits(key, shape) -> jax.Array:
-  """uint32 random bits equal to `jax.random.bits(key, shape)` for a Threefry key."""
-  data = _threefry_key_data(key)
-  size = math.prod(shape)
-  if data is None or size >= 2**32:
-    return jax.random.bits(key, shape, jnp.uint32)
-  low = jax.lax.iota(jnp.uint32, size).reshape(shape)
+def _fast_key_data(key, shape) -> Optional[jax.Array]:
+  """The key's words if the unrolled hash applies (a Threefry key, < 2**32 elements)."""
+  return _threefry_key_data(key) if math.prod(shape) < 2**32 else None
+
+
+def _bits(data: jax.Array, shape) -> jax.Array:
+  """jax's partitionable 32-bit layout: hash of (high, low) words of the flat index, XORed."""
+  low = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
   high_word, low_word = threefry_2x32(data, jnp.zeros((), jnp.uint32), low)
   return high_word ^ low_word
+
+
+def random_bits(key, shape) -> jax.Array:
+  """uint32 random bits equal to `jax.random.bits(key, shape)` for a Threefry key."""
+  data = _fast_key_data(key, shape)
+  return jax.random.bits(key, shape, jnp.uint32) if data is None else _bits(data, shape)
 
 
 def bernoulli(key, p: float, shape) -> jax.Array:
@@ -75,10 +82,11 @@ def bernoulli(key, p: float, shape) -> jax.Array:
   jax draws u = m / 2**23 from the top 23 bits m of each word and keeps u < p; that is the
   integer test m < ceil(p * 2**23), with p rounded to float32 first as jax rounds it.
   """
-  if _threefry_key_data(key) is None or math.prod(shape) >= 2**32:
+  data = _fast_key_data(key, shape)
+  if data is None:
     return jax.random.bernoulli(key, p, shape)
   threshold = int(np.ceil(np.float64(np.float32(p)) * 2.0**23))
-  mantissa = jax.lax.shift_right_logical(random_bits(key, shape), np.uint32(9))
+  mantissa = jax.lax.shift_right_logical(_bits(data, shape), np.uint32(9))
   return mantissa < np.uint32(threshold)
 
 
