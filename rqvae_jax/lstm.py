@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rqvae_jax import native_lstm
 from rqvae_jax.dropout import Dropout
 
 # `unroll` of the time scans (forward and backward) in the 'scan' path.
@@ -26,7 +27,7 @@ from rqvae_jax.dropout import Dropout
 # loop body; XLA gains nothing from it here.
 SCAN_UNROLL = 1
 
-_IMPLS = ('auto', 'scan', 'cudnn')
+_IMPLS = ('auto', 'scan', 'native', 'cudnn')
 
 
 def lstm_param_count(input_size: int, hidden_size: int, num_layers: int) -> int:
@@ -146,8 +147,8 @@ def _recurrence_bwd(unroll, residuals, dhs):
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def _bilstm_layer_scan(x, w_ih, w_hh, b, unroll):
-  """One bidirectional layer, both directions in a single scan.
+def _bilstm_layer_scan(x, w_ih, w_hh, b, unroll, native=False):
+  """One bidirectional layer, both directions in a single scan (or the CPU kernel).
 
   Args:
     x: (T, B, In) time-major input, compute dtype.
@@ -155,6 +156,7 @@ def _bilstm_layer_scan(x, w_ih, w_hh, b, unroll):
     w_hh: (2, 4H, H) = stack(W_hh_fwd, W_hh_bwd).
     b: (8H,) = [b_ih_fwd + b_hh_fwd; b_ih_bwd + b_hh_bwd].
     unroll: `jax.lax.scan` unroll.
+    native: run the recurrence with the CPU kernel (`native_lstm.recurrence`).
 
   Returns:
     (T, B, 2H) time-major [forward, backward] hidden states.
@@ -167,7 +169,7 @@ def _bilstm_layer_scan(x, w_ih, w_hh, b, unroll):
   # The backward direction walks the reversed sequence, so it can share the
   # forward direction's loop index.
   xs = jnp.stack([proj[:, :, 0], proj[::-1, :, 1]], axis=1)  # (T, 2, B, 4H)
-  hs = _recurrence(xs, w_hh, unroll)  # (T, 2, B, H)
+  hs = native_lstm.recurrence(xs, w_hh) if native else _recurrence(xs, w_hh, unroll)
   return jnp.concatenate([hs[:, 0], hs[::-1, 1]], axis=-1)
 
 
@@ -220,6 +222,10 @@ class BiLSTM(nn.Module):
     'scan': portable `lax.scan`; per layer one input-projection matmul for both
       directions, then both directions in one time-major scan with a
       hand-written VJP (reverse-mode only: `jax.jvp` through it fails).
+    'native': the same layer with the recurrence in a compiled CPU kernel
+      (`rqvae_jax.native_lstm`, built on first use with the machine's C++
+      compiler): each direction on its own thread, no per-step dispatch. CPU and
+      float32 only, reverse-mode only; raises when the kernel cannot be built.
     'cudnn': `jax.experimental.rnn.lstm` (cuDNN), one call per layer so the
       inter-layer dropout is flax's. CUDA only; computes in float32 (jax's
       cuDNN RNN supports only float32) and casts the output to `dtype`. It
@@ -228,7 +234,8 @@ class BiLSTM(nn.Module):
       UNTESTED: written on a CPU-only machine, it needs a numerical check
       against 'scan' on a GPU (`test_cudnn_matches_scan_on_gpu` in
       tests/test_lstm.py, which runs only where a GPU backend is present).
-    'auto': 'cudnn' on a CUDA GPU, else 'scan'.
+    'auto': 'cudnn' on a CUDA GPU; on the CPU 'native' for float32 when the
+      kernel builds (else 'scan', with one warning saying why); else 'scan'.
   """
   hidden_size: int
   num_layers: int = 2
@@ -240,11 +247,24 @@ class BiLSTM(nn.Module):
     if self.impl not in _IMPLS:
       raise ValueError(f'impl must be one of {_IMPLS}, got {self.impl!r}')
     if self.impl == 'auto':
-      return 'cudnn' if _on_cuda() else 'scan'
+      if _on_cuda():
+        return 'cudnn'
+      on_cpu = jax.default_backend() == 'cpu' and jnp.dtype(self.dtype) == jnp.float32
+      return 'native' if on_cpu and native_lstm.usable() else 'scan'
     if self.impl == 'cudnn' and not _on_cuda():
       raise ValueError(
           "BiLSTM impl='cudnn' needs a CUDA GPU backend, but jax's default "
           f"backend is {jax.default_backend()!r}; use impl='scan' or 'auto'.")
+    if self.impl == 'native':
+      if jax.default_backend() != 'cpu' or jnp.dtype(self.dtype) != jnp.float32:
+        raise ValueError(
+            "BiLSTM impl='native' is a float32 CPU kernel, but the backend is "
+            f"{jax.default_backend()!r} and dtype {jnp.dtype(self.dtype).name}; use "
+            "impl='scan' or 'auto'.")
+      status = native_lstm.load()
+      if not status.available:
+        raise RuntimeError(f"BiLSTM impl='native': the CPU kernel is not available "
+                           f"({status.reason}); use impl='scan' or 'auto'.")
     return self.impl
 
   @nn.compact
@@ -283,7 +303,7 @@ class BiLSTM(nn.Module):
       w_ih = jnp.concatenate([wif, wib], axis=0).astype(self.dtype)
       w_hh = jnp.stack([whf, whb]).astype(self.dtype)
       b = jnp.concatenate([bif + bhf, bib + bhb]).astype(self.dtype)
-      y = _bilstm_layer_scan(y, w_ih, w_hh, b, SCAN_UNROLL)
+      y = _bilstm_layer_scan(y, w_ih, w_hh, b, SCAN_UNROLL, native=impl == 'native')
       if k < self.num_layers - 1:
         y = Dropout(self.dropout)(y, deterministic=not train)
     return jnp.swapaxes(y, 0, 1)

@@ -9,6 +9,12 @@ import numpy as np
 import pytest
 
 from rqvae_jax import lstm as lstm_lib
+from rqvae_jax import native_lstm
+
+# The CPU kernel needs a C++ compiler to build; without one 'auto' runs the scan.
+IMPLS = ['scan', pytest.param('native', marks=pytest.mark.skipif(
+    native_lstm.find_compiler() is None or jax.default_backend() != 'cpu',
+    reason='the native LSTM kernel needs a C++ compiler and the CPU backend'))]
 
 B, T, IN, H = 3, 17, 5, 7
 
@@ -106,8 +112,9 @@ def _x(seed=1, shape=(B, T, IN)):
   return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
 
 
-def test_matches_numpy_reference():
-  model = lstm_lib.BiLSTM(hidden_size=H, num_layers=2, impl='scan')
+@pytest.mark.parametrize('impl', IMPLS)
+def test_matches_numpy_reference(impl):
+  model = lstm_lib.BiLSTM(hidden_size=H, num_layers=2, impl=impl)
   x = _x()
   variables = _init(model, x)
   y = _apply(model, variables, x)
@@ -135,7 +142,7 @@ def test_inference_and_training_scans_give_the_same_outputs():
   assert 0 <= float(jnp.min(jnp.stack([i, f, o]))) and float(jnp.max(jnp.stack([i, f, o]))) <= 1
 
 
-def test_auto_is_scan_off_gpu_and_cudnn_refused():
+def test_auto_off_gpu_matches_reference_and_cudnn_refused():
   x = _x()
   if jax.default_backend() != 'gpu':
     with pytest.raises(ValueError, match='cudnn'):
@@ -148,11 +155,13 @@ def test_auto_is_scan_off_gpu_and_cudnn_refused():
       np.asarray(y), _reference(x, variables['params'], 2), atol=1e-4, rtol=0)
 
 
-def test_jit_gradient_matches_autodiff_of_reference():
-  # The recurrence has a hand-written VJP; check it against plain autodiff of
-  # an independent JAX LSTM (itself checked against the NumPy one).
+@pytest.mark.parametrize('impl', IMPLS)
+def test_jit_gradient_matches_autodiff_of_reference(impl):
+  # The recurrence has a hand-written VJP (the scan's, or the CPU kernel's backward);
+  # check it against plain autodiff of an independent JAX LSTM (itself checked against
+  # the NumPy one).
   x = _x()
-  model = lstm_lib.BiLSTM(hidden_size=H, num_layers=2)
+  model = lstm_lib.BiLSTM(hidden_size=H, num_layers=2, impl=impl)
   params = _init(model, x)['params']
   cot = jax.random.normal(jax.random.key(5), (B, T, 2 * H))
 

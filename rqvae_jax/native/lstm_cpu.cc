@@ -1,0 +1,282 @@
+// The LSTM recurrence on the CPU as XLA FFI custom calls (rqvae_jax/native_lstm.py builds
+// and loads this file; README: Performance).
+//
+// Why a kernel: the recurrence is 441 sequential steps of a (B, H) x (H, 4H) product and a
+// few elementwise gates. Under XLA each step is several thunks (matmul, gate fusions, the
+// dynamic slices of the scan), and both directions share one matmul whose 2 MB of weights
+// do not stay in one core's L2. Here each direction runs its whole sequence on its own
+// thread: no per-step dispatch, one direction's 1 MB of weights per core.
+//
+// Layouts (row-major, float32), D = 2 directions, direction 1 already time-reversed:
+//   xs     (T, D, B, 4H)  input projections with both biases, gate order i, f, g, o
+//   w_t    (D, H, 4H)     recurrent weights, transposed (h @ w_t)
+//   w      (D, 4H, H)     recurrent weights, PyTorch layout (for dh = dgates @ w)
+//   hs, cs (T, D, B, H)   hidden and cell states after each step
+//   acts   (T, D, B, 4H)  activated gates sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)
+//   dgates (T, D, B, 4H)  gradient w.r.t. the gate pre-activations (= w.r.t. xs)
+// Zero initial state, as in rqvae_jax/lstm.py `_scan_forward` / `_recurrence_bwd`.
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// exp, sigmoid and tanh as straight-line float code the compiler vectorises (a libm call
+// per element would cost as much as the matrix product). exp: Cody-Waite reduction by
+// ln 2 and the degree-6 polynomial of Cephes' expf (~1 ulp on its range); tanh: Cephes'
+// tanhf odd polynomial below |x| 0.625, 1 - 2 / (exp(2|x|) + 1) above.
+inline float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
+
+inline float fast_sigmoid(float x) { return 1.0f / (1.0f + fast_exp(-x)); }
+
+inline float fast_tanh(float x) {
+  const float a = std::fabs(x);
+  const float z = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const float small = p * z * x + x;
+  const float large = 1.0f - 2.0f / (fast_exp(2.0f * a) + 1.0f);
+  return a < 0.625f ? small : std::copysign(large, x);
+}
+
+struct Dims {
+  int64_t t, d, b, h;
+  int64_t g() const { return 4 * h; }
+};
+
+// acc[b, :n] += sum_k v[b, k] * m[k, :n] for k < kdim, rows of m `n` apart; four rows of
+// m per pass so each accumulator row is loaded and stored once per four products.
+inline void accumulate_rows(float* acc, const float* v, int64_t vstride, const float* m,
+                            int64_t kdim, int64_t n, int64_t batch) {
+  int64_t k = 0;
+  for (; k + 4 <= kdim; k += 4) {
+    const float* m0 = m + k * n;
+    const float* m1 = m0 + n;
+    const float* m2 = m1 + n;
+    const float* m3 = m2 + n;
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* vb = v + b * vstride + k;
+      const float a0 = vb[0], a1 = vb[1], a2 = vb[2], a3 = vb[3];
+      float* out = acc + b * n;
+      for (int64_t j = 0; j < n; ++j) {
+        out[j] += a0 * m0[j] + a1 * m1[j] + a2 * m2[j] + a3 * m3[j];
+      }
+    }
+  }
+  for (; k < kdim; ++k) {
+    const float* m0 = m + k * n;
+    for (int64_t b = 0; b < batch; ++b) {
+      const float a0 = v[b * vstride + k];
+      float* out = acc + b * n;
+      for (int64_t j = 0; j < n; ++j) out[j] += a0 * m0[j];
+    }
+  }
+}
+
+// One direction's forward pass over all steps. `cs` and `acts` may be null (inference).
+void forward_direction(const Dims& s, int64_t dir, const float* xs, const float* w_t,
+                       float* hs, float* cs, float* acts) {
+  const int64_t h = s.h, g4 = s.g(), b = s.b;
+  const float* w = w_t + dir * h * g4;
+  std::vector<float> gates(b * g4), hprev(b * h, 0.0f), c(b * h, 0.0f);
+  for (int64_t t = 0; t < s.t; ++t) {
+    const int64_t row = (t * s.d + dir) * b;              // (t, dir, 0) in (T, D, B, .)
+    std::memcpy(gates.data(), xs + row * g4, sizeof(float) * b * g4);
+    if (t > 0) accumulate_rows(gates.data(), hprev.data(), h, w, h, g4, b);
+    for (int64_t bi = 0; bi < b; ++bi) {
+      float* z = gates.data() + bi * g4;
+      for (int64_t j = 0; j < 2 * h; ++j) z[j] = fast_sigmoid(z[j]);
+      for (int64_t j = 2 * h; j < 3 * h; ++j) z[j] = fast_tanh(z[j]);
+      for (int64_t j = 3 * h; j < g4; ++j) z[j] = fast_sigmoid(z[j]);
+      const float *gi = z, *gf = z + h, *gg = z + 2 * h, *go = z + 3 * h;
+      float* cb = c.data() + bi * h;
+      float* hb = hprev.data() + bi * h;
+      for (int64_t j = 0; j < h; ++j) {
+        cb[j] = gf[j] * cb[j] + gi[j] * gg[j];
+        hb[j] = go[j] * fast_tanh(cb[j]);
+      }
+    }
+    std::memcpy(hs + row * h, hprev.data(), sizeof(float) * b * h);
+    if (cs != nullptr) std::memcpy(cs + row * h, c.data(), sizeof(float) * b * h);
+    if (acts != nullptr) std::memcpy(acts + row * g4, gates.data(), sizeof(float) * b * g4);
+  }
+}
+
+// One step's gate gradients for one batch row: reads the carried dh (without this step's
+// upstream dh_t) and dc, writes the four gate blocks of `out` and the carried dc * f.
+inline void gate_gradients(int64_t h, const float* __restrict a, const float* __restrict c,
+                           const float* __restrict c_prev, const float* __restrict dh_t,
+                           const float* __restrict dh, float* __restrict dc,
+                           float* __restrict out) {
+  const float *gi = a, *gf = a + h, *gg = a + 2 * h, *go = a + 3 * h;
+  for (int64_t j = 0; j < h; ++j) {
+    const float dhj = dh[j] + dh_t[j];
+    const float tc = fast_tanh(c[j]);
+    const float dcj = dc[j] + dhj * go[j] * (1.0f - tc * tc);
+    out[j] = dcj * gg[j] * gi[j] * (1.0f - gi[j]);
+    out[h + j] = dcj * c_prev[j] * gf[j] * (1.0f - gf[j]);
+    out[2 * h + j] = dcj * gi[j] * (1.0f - gg[j] * gg[j]);
+    out[3 * h + j] = dhj * tc * go[j] * (1.0f - go[j]);
+    dc[j] = dcj * gf[j];
+  }
+}
+
+// One direction's backward pass: dgates for every step, last step first.
+void backward_direction(const Dims& s, int64_t dir, const float* dhs, const float* cs,
+                        const float* acts, const float* w_pt, float* dgates) {
+  const int64_t h = s.h, g4 = s.g(), b = s.b;
+  const float* w = w_pt + dir * g4 * h;
+  std::vector<float> dh(b * h, 0.0f), dc(b * h, 0.0f), dh_next(b * h), zeros(b * h, 0.0f);
+  for (int64_t t = s.t - 1; t >= 0; --t) {
+    const int64_t row = (t * s.d + dir) * b;
+    const int64_t prev_row = ((t - 1) * s.d + dir) * b;
+    float* dg = dgates + row * g4;
+    for (int64_t bi = 0; bi < b; ++bi) {
+      const float* a = acts + (row + bi) * g4;
+      const float* c = cs + (row + bi) * h;
+      const float* c_prev = t > 0 ? cs + (prev_row + bi) * h : zeros.data() + bi * h;
+      const float* dh_t = dhs + (row + bi) * h;
+      gate_gradients(h, a, c, c_prev, dh_t, dh.data() + bi * h, dc.data() + bi * h,
+                     dg + bi * g4);
+    }
+    if (t > 0) {
+      std::fill(dh_next.begin(), dh_next.end(), 0.0f);
+      accumulate_rows(dh_next.data(), dg, g4, w, g4, h, b);
+      dh.swap(dh_next);
+    }
+  }
+}
+
+// Runs fn(0) .. fn(n - 1), fn(k) for k >= 1 offered to XLA's intra-op pool. Whichever
+// thread claims a task first runs it: after its own, the caller claims and runs every task
+// no pool thread has started, then waits only for tasks already running. So a busy (or
+// absent) pool never deadlocks the call, it only makes it serial.
+template <typename Fn>
+void run_in_parallel(ffi::ThreadPool& pool, int64_t n, Fn fn) {
+  struct Shared {
+    explicit Shared(int64_t n) : claimed(n), done(n) {
+      for (int64_t i = 0; i < n; ++i) {
+        claimed[i].store(false);
+        done[i].store(false);
+      }
+    }
+    std::vector<std::atomic<bool>> claimed, done;
+  };
+  auto shared = std::make_shared<Shared>(n);
+  for (int64_t k = 1; k < n; ++k) {
+    pool.Schedule([shared, k, fn]() {
+      if (!shared->claimed[k].exchange(true)) {
+        fn(k);
+        shared->done[k].store(true, std::memory_order_release);
+      }
+    });
+  }
+  fn(0);
+  for (int64_t k = 1; k < n; ++k) {
+    if (!shared->claimed[k].exchange(true)) {
+      fn(k);
+    } else {
+      while (!shared->done[k].load(std::memory_order_acquire)) std::this_thread::yield();
+    }
+  }
+}
+
+// (T, D, B, 4H) of a gates-shaped buffer; false when it is not one.
+bool dims_of(const ffi::Buffer<ffi::F32>& gates, Dims* out) {
+  auto dims = gates.dimensions();
+  if (dims.size() != 4 || dims[3] % 4 != 0) return false;
+  *out = Dims{dims[0], dims[1], dims[2], dims[3] / 4};
+  return true;
+}
+
+ffi::Error bad_shape() {
+  return ffi::Error::InvalidArgument("rqvae LSTM kernel: gates must be (T, D, B, 4H)");
+}
+
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
+                       ffi::Buffer<ffi::F32> w_t, ffi::ResultBuffer<ffi::F32> hs,
+                       ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> acts) {
+  Dims d;
+  if (!dims_of(xs, &d)) return bad_shape();
+  float *h_out = hs->typed_data(), *c_out = cs->typed_data(), *a_out = acts->typed_data();
+  run_in_parallel(pool, d.d, [&](int64_t dir) {
+    forward_direction(d, dir, xs.typed_data(), w_t.typed_data(), h_out, c_out, a_out);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error InferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
+                         ffi::Buffer<ffi::F32> w_t, ffi::ResultBuffer<ffi::F32> hs) {
+  Dims d;
+  if (!dims_of(xs, &d)) return bad_shape();
+  float* h_out = hs->typed_data();
+  run_in_parallel(pool, d.d, [&](int64_t dir) {
+    forward_direction(d, dir, xs.typed_data(), w_t.typed_data(), h_out, nullptr, nullptr);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dhs,
+                        ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> acts,
+                        ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> dgates) {
+  Dims d;
+  if (!dims_of(acts, &d)) return bad_shape();
+  float* out = dgates->typed_data();
+  run_in_parallel(pool, d.d, [&](int64_t dir) {
+    backward_direction(d, dir, dhs.typed_data(), cs.typed_data(), acts.typed_data(),
+                       w.typed_data(), out);
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RqvaeLstmForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RqvaeLstmInference, InferenceImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RqvaeLstmBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,193 @@
+"""The compiled CPU LSTM kernel (rqvae_jax.native_lstm) against the scan path, and its build.
+
+tests/test_lstm.py checks BiLSTM(impl='native') against an independent NumPy LSTM and
+autodiff of a plain JAX one; here the recurrence itself at edge shapes, the gradients of
+every input, `auto`'s choice and what happens when the kernel cannot be built.
+"""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rqvae_jax import lstm as lstm_lib
+from rqvae_jax import native_lstm
+
+pytestmark = pytest.mark.skipif(
+    native_lstm.find_compiler() is None or jax.default_backend() != 'cpu',
+    reason='the native LSTM kernel needs a C++ compiler and the CPU backend')
+
+
+def _inputs(t, b, h, seed=0):
+  rng = np.random.default_rng(seed)
+  xs = jnp.asarray(rng.normal(size=(t, 2, b, 4 * h)), jnp.float32)
+  w_hh = jnp.asarray(rng.normal(size=(2, 4 * h, h)) / np.sqrt(h), jnp.float32)
+  return xs, w_hh
+
+
+def _scan(xs, w_hh):
+  return lstm_lib._recurrence(xs, w_hh, 1)  # pylint: disable=protected-access
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _built():
+  status = native_lstm.load()
+  assert status.available, status.reason
+  yield
+
+
+# H = 5 and 6: the kernel's rows go four at a time, so these exercise its remainder loop;
+# T = 1: no recurrent product at all; B = 1 and 4.
+@pytest.mark.parametrize('t,b,h', [(1, 1, 5), (9, 4, 6), (23, 2, 16)])
+def test_forward_matches_scan(t, b, h):
+  xs, w_hh = _inputs(t, b, h)
+  want = np.asarray(jax.jit(_scan)(xs, w_hh))
+  got = np.asarray(jax.jit(native_lstm.recurrence)(xs, w_hh))
+  assert got.shape == (t, 2, b, h)
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+  # The training forward (which also keeps the states and gates) gives the same outputs.
+  train_hs = jax.jit(lambda x, w: jax.vjp(native_lstm.recurrence, x, w)[0])(xs, w_hh)
+  np.testing.assert_array_equal(np.asarray(train_hs), got)
+
+
+@pytest.mark.parametrize('t,b,h', [(2, 2, 5), (13, 3, 6), (30, 2, 16)])
+def test_gradients_match_scan(t, b, h):
+  xs, w_hh = _inputs(t, b, h, seed=1)
+  cot = jnp.asarray(np.random.default_rng(2).normal(size=(t, 2, b, h)), jnp.float32)
+
+  def grads(fn):
+    return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.tanh(fn(x, w)) * cot), argnums=(0, 1)))(
+        xs, w_hh)
+
+  (gx, gw), (rx, rw) = grads(native_lstm.recurrence), grads(_scan)
+  assert float(jnp.max(jnp.abs(rx))) > 1e-2 and float(jnp.max(jnp.abs(rw))) > 1e-2
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(rx), atol=5e-6, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(gw), np.asarray(rw), atol=5e-6, rtol=1e-5)
+
+
+def test_saturated_gates_stay_finite_and_exact():
+  # Pre-activations far beyond the exp's clamp (|z| > 88): sigmoid 0 or 1, tanh +-1.
+  xs, w_hh = _inputs(6, 2, 8, seed=3)
+  xs = xs * 200.0
+  got = np.asarray(jax.jit(native_lstm.recurrence)(xs, w_hh))
+  assert np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, np.asarray(jax.jit(_scan)(xs, w_hh)), atol=1e-6, rtol=0)
+
+
+def test_auto_picks_the_kernel_on_the_cpu_and_scan_for_bfloat16():
+  auto = lstm_lib.BiLSTM(hidden_size=4)
+  assert auto._resolved_impl() == 'native'  # pylint: disable=protected-access
+  bf16 = lstm_lib.BiLSTM(hidden_size=4, dtype=jnp.bfloat16)
+  assert bf16._resolved_impl() == 'scan'  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match='float32 CPU kernel'):
+    lstm_lib.BiLSTM(hidden_size=4, impl='native', dtype=jnp.bfloat16)._resolved_impl()  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match='float32'):
+    native_lstm.recurrence(*(a.astype(jnp.bfloat16) for a in _inputs(2, 1, 4)))
+  xs, _ = _inputs(2, 1, 4)
+  with pytest.raises(ValueError, match=r'w_hh must be \(D, 4H, H\)'):
+    native_lstm.recurrence(xs, jnp.zeros((2, 4, 16), jnp.float32))
+
+
+def test_cache_key_follows_the_source_and_the_compiler(tmp_path, monkeypatch):
+  monkeypatch.setenv('RQVAE_JAX_NATIVE_CACHE', str(tmp_path))
+  compiler = native_lstm.find_compiler()
+  path = native_lstm.library_path(compiler)
+  assert path.parent == tmp_path and path.suffix == '.so'
+  assert native_lstm.library_path(compiler) == path                 # deterministic
+  source = tmp_path / 'lstm_cpu.cc'
+  source.write_text(native_lstm.SOURCE.read_text() + '\n// edited\n')
+  monkeypatch.setattr(native_lstm, 'SOURCE', source)
+  assert native_lstm.library_path(compiler) != path                 # an edit rebuilds
+
+
+def test_build_failure_falls_back_to_scan_with_the_reason(tmp_path, monkeypatch, caplog):
+  """No usable compiler: `load` says why, 'native' raises with it, 'auto' warns once and
+  runs the scan, and nothing is left in the cache."""
+  monkeypatch.setenv('RQVAE_JAX_NATIVE_CACHE', str(tmp_path))
+  monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+  native_lstm.load.cache_clear()
+  native_lstm._warn_once.cache_clear()  # pylint: disable=protected-access
+  try:
+    status = native_lstm.load()
+    assert not status.available
+    assert 'no-such-compiler' in status.reason
+    with pytest.raises(RuntimeError, match='no-such-compiler'):
+      lstm_lib.BiLSTM(hidden_size=4, impl='native')._resolved_impl()  # pylint: disable=protected-access
+    with caplog.at_level(logging.WARNING):
+      assert lstm_lib.BiLSTM(hidden_size=4)._resolved_impl() == 'scan'  # pylint: disable=protected-access
+      assert lstm_lib.BiLSTM(hidden_size=8)._resolved_impl() == 'scan'  # pylint: disable=protected-access
+    warnings = [r for r in caplog.records if 'CPU LSTM kernel' in r.getMessage()]
+    assert len(warnings) == 1 and 'no-such-compiler' in warnings[0].getMessage()
+    assert not list(tmp_path.glob('*.so'))
+    monkeypatch.setenv('RQVAE_JAX_NATIVE_LSTM', '0')
+    native_lstm.load.cache_clear()
+    assert native_lstm.load().reason == 'RQVAE_JAX_NATIVE_LSTM=0'
+  finally:
+    native_lstm.load.cache_clear()
+    monkeypatch.undo()
+    assert native_lstm.load().available                 # the real kernel again
+
+
+def test_a_fresh_build_compiles_loads_and_computes(tmp_path, monkeypatch):
+  # The build path end to end into an empty cache (the other tests may reuse a cached one).
+  monkeypatch.setenv('RQVAE_JAX_NATIVE_CACHE', str(tmp_path))
+  native_lstm.load.cache_clear()
+  try:
+    status = native_lstm.load()
+    assert status.available, status.reason
+    assert status.library.startswith(str(tmp_path)) and list(tmp_path.glob('lstm_cpu-*.so'))
+    assert not list(tmp_path.glob('tmp*'))                       # no half-written files
+    xs, w_hh = _inputs(4, 2, 8, seed=4)
+    np.testing.assert_allclose(np.asarray(jax.jit(native_lstm.recurrence)(xs, w_hh)),
+                               np.asarray(jax.jit(_scan)(xs, w_hh)), atol=2e-6, rtol=0)
+  finally:
+    native_lstm.load.cache_clear()
+    monkeypatch.undo()
+    native_lstm.load()
+
+
+_SHARDED = r'''
+import json, sys
+sys.path.insert(0, {repo!r})
+import numpy as np, jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from rqvae_jax import lstm, native_lstm
+mesh = Mesh(np.array(jax.devices()), ('data',))
+rng = np.random.default_rng(0)
+xs = jnp.asarray(rng.normal(size=(5, 2, 4, 32)), jnp.float32)
+w = jnp.asarray(0.3 * rng.normal(size=(2, 32, 8)), jnp.float32)
+xs_sharded = jax.device_put(xs, NamedSharding(mesh, P(None, None, 'data')))
+w_replicated = jax.device_put(w, NamedSharding(mesh, P()))
+def grads(fn):
+  return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(fn(x, w))), argnums=(0, 1)))
+native = grads(native_lstm.recurrence)
+got = native(xs_sharded, w_replicated)
+want = grads(lambda x, w: lstm._recurrence(x, w, 1))(xs, w)
+hlo = native.lower(xs_sharded, w_replicated).compile().as_text()
+calls = [l for l in hlo.splitlines() if 'custom-call(' in l and 'rqvae_jax_lstm' in l]
+print(json.dumps({{
+    'devices': len(jax.devices()),
+    'diff': [float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want)],
+    'gathers': hlo.count('all-gather('),
+    'local_batch_2': all('[5,2,2,' in l for l in calls), 'calls': len(calls),
+    'grad_spec': str(got[0].sharding.spec)}}))
+'''
+
+
+def test_sharded_batch_runs_per_device_without_gathering():
+  """Under a batch-sharded jit on two devices each device runs the kernel on its own half
+  of the batch (custom_partitioning), with the scan's gradients."""
+  import json, os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2')
+  proc = subprocess.run([sys.executable, '-c', _SHARDED.format(repo=repo)], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  info = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert info['devices'] == 2
+  assert max(info['diff']) < 1e-5, info
+  assert info['gathers'] == 0 and info['calls'] == 2 and info['local_batch_2'], info
+  assert 'data' in info['grad_spec']
