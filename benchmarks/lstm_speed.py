@@ -1,4 +1,5 @@
-"""Times BiLSTM forward+backward (jit) per scan `unroll`, and torch.nn.LSTM.
+"""Times BiLSTM forward+backward (jit) per scan `unroll`, the CPU kernel (impl='native'),
+and torch.nn.LSTM.
 
 Prints one JSON line: median wall and process-CPU seconds per step for
 B in --batches, T=441, In=H=256, 2 layers (the model's LSTM). torch is timed
@@ -49,7 +50,7 @@ def _median(values):
   return sorted(values)[len(values) // 2]
 
 
-def time_jax(batch, unroll, reps):
+def time_jax(batch, unroll, reps, impl='scan'):
   """Median wall and CPU seconds of one jit'd forward+backward."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -58,7 +59,7 @@ def time_jax(batch, unroll, reps):
   old = lstm_lib.SCAN_UNROLL
   lstm_lib.SCAN_UNROLL = unroll  # read at trace time
   try:
-    model = lstm_lib.BiLSTM(hidden_size=H, num_layers=LAYERS, impl='scan')
+    model = lstm_lib.BiLSTM(hidden_size=H, num_layers=LAYERS, impl=impl)
     x = jax.random.normal(jax.random.key(1), (batch, T, IN))
     params = model.init(jax.random.key(0), x)['params']
     # Gradients w.r.t. params and input, as inside the model.
@@ -111,6 +112,11 @@ def main():
   for b in batches:
     result['jax_fwd_bwd_s'][f'B={b}'] = {
         f'unroll={u}': time_jax(b, u, args.reps) for u in unrolls}
+  from rqvae_jax import native_lstm  # pylint: disable=g-import-not-at-top
+  native = jax.default_backend() == 'cpu' and native_lstm.usable()
+  if native:
+    result['jax_native_fwd_bwd_s'] = {f'B={b}': time_jax(b, 1, args.reps, 'native')
+                                      for b in batches}
   if os.path.exists(TORCH_PYTHON):
     result['torch_fwd_bwd_s'] = {}
     result['jax_over_torch'] = {}
@@ -122,6 +128,10 @@ def main():
           per.values(), key=lambda d: d['cpu'])
       result['jax_over_torch'][f'B={b}'] = {
           k: round(ours[k] / tt[k], 3) for k in ('wall', 'cpu')}
+      if native:
+        kernel = result['jax_native_fwd_bwd_s'][f'B={b}']
+        result.setdefault('native_over_torch', {})[f'B={b}'] = {
+            k: round(kernel[k] / tt[k], 3) for k in ('wall', 'cpu')}
   print(json.dumps(result))
 
 
