@@ -5,7 +5,11 @@ autodiff of a plain JAX one; here the recurrence itself at edge shapes, the grad
 every input, `auto`'s choice and what happens when the kernel cannot be built.
 """
 
+import json
 import logging
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -179,7 +183,6 @@ print(json.dumps({{
 def test_sharded_batch_runs_per_device_without_gathering():
   """Under a batch-sharded jit on two devices each device runs the kernel on its own half
   of the batch (custom_partitioning), with the scan's gradients."""
-  import json, os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2')
