@@ -83,7 +83,9 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   m.norm_offset = 122.759 / 32768.0
   m.norm_scale = 2359.9309 / 32768.0
   m.dtype = 'float32'                      # compute dtype ('bfloat16' for mixed precision)
-  m.lstm_impl = 'auto'                     # 'auto' (cuDNN on GPU if available), 'scan'
+  # 'auto': cuDNN on a CUDA GPU, the compiled kernel on the CPU (float32, when a C++ compiler
+  # builds it), else 'scan'; or 'scan' / 'native' / 'cudnn' (rqvae_jax/lstm.py, BiLSTM).
+  m.lstm_impl = 'auto'
   # 'matmul' (matmul forms where they beat XLA's conv on the CPU), 'xla', or 'auto' (per
   # backend, blocks.AUTO_CONV_IMPL; benchmarks/gpu_check.py times both on a device).
   m.conv_impl = 'auto'
