@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rqvae_jax import native
 from rqvae_jax import native_lstm
 from rqvae_jax.dropout import Dropout
 
@@ -224,7 +225,7 @@ class BiLSTM(nn.Module):
       hand-written VJP (reverse-mode only: `jax.jvp` through it fails).
     'native': the same layer with the recurrence in a compiled CPU kernel
       (`rqvae_jax.native_lstm`, built on first use with the machine's C++
-      compiler): each direction on its own thread, no per-step dispatch. CPU and
+      compiler, `rqvae_jax.native`): each direction on its own thread, no per-step dispatch. CPU and
       float32 only, reverse-mode only; raises when the kernel cannot be built.
     'cudnn': `jax.experimental.rnn.lstm` (cuDNN), one call per layer so the
       inter-layer dropout is flax's. CUDA only; computes in float32 (jax's
@@ -250,7 +251,7 @@ class BiLSTM(nn.Module):
       if _on_cuda():
         return 'cudnn'
       on_cpu = jax.default_backend() == 'cpu' and jnp.dtype(self.dtype) == jnp.float32
-      return 'native' if on_cpu and native_lstm.usable() else 'scan'
+      return 'native' if on_cpu and native.usable() else 'scan'
     if self.impl == 'cudnn' and not _on_cuda():
       raise ValueError(
           "BiLSTM impl='cudnn' needs a CUDA GPU backend, but jax's default "
@@ -261,7 +262,7 @@ class BiLSTM(nn.Module):
             "BiLSTM impl='native' is a float32 CPU kernel, but the backend is "
             f"{jax.default_backend()!r} and dtype {jnp.dtype(self.dtype).name}; use "
             "impl='scan' or 'auto'.")
-      status = native_lstm.load()
+      status = native.load()
       if not status.available:
         raise RuntimeError(f"BiLSTM impl='native': the CPU kernel is not available "
                            f"({status.reason}); use impl='scan' or 'auto'.")

@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rqvae_jax import native
+
 STATS = 'codebook_stats'
 
 
@@ -63,9 +65,18 @@ def first_argmin(values: jax.Array, group: int = 64) -> jax.Array:
 
 
 def nearest_code(x: jax.Array, codebook: jax.Array, dtype=jnp.float32) -> jax.Array:
-  """Index of the nearest code for each row of x (the ||x||^2 term does not change argmin)."""
+  """Index of the nearest code for each row of x (the ||x||^2 term does not change argmin).
+
+  On the CPU, when the compiled kernels build (`rqvae_jax.native`), the matmul is a plain
+  dot and one kernel pass per row finds the minimum of ||c||^2 - 2 x.c and its first index:
+  one stage of the paper's VQ (882 x 256 against 4096 codes) 5.8-6.4 -> 4.3 ms on the 2-core
+  AMD EPYC with AVX-512, the 12 stages 70-73 -> 50-52 ms, the same indices (README:
+  Performance). Elsewhere the distances and `first_argmin` in XLA.
+  """
   cross = jnp.dot(x.astype(dtype), codebook.astype(dtype).T, preferred_element_type=jnp.float32)
   c2 = jnp.sum(jnp.square(codebook.astype(jnp.float32)), axis=-1)
+  if native.usable():
+    return native.nearest_code_from_cross(cross, c2)
   return first_argmin(c2 - 2.0 * cross).astype(jnp.int32)
 
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from rqvae_jax import lstm as lstm_lib
-from rqvae_jax import native_lstm
+from rqvae_jax import native
 
 # The CPU kernel needs a C++ compiler to build; without one 'auto' runs the scan.
 IMPLS = ['scan', pytest.param('native', marks=pytest.mark.skipif(
-    native_lstm.find_compiler() is None or jax.default_backend() != 'cpu',
+    native.find_compiler() is None or jax.default_backend() != 'cpu',
     reason='the native LSTM kernel needs a C++ compiler and the CPU backend'))]
 
 B, T, IN, H = 3, 17, 5, 7

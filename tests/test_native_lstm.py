@@ -1,12 +1,12 @@
-"""The compiled CPU LSTM kernel (rqvae_jax.native_lstm) against the scan path, and its build.
+"""The compiled CPU LSTM kernel (rqvae_jax.native_lstm) against the scan path.
 
 tests/test_lstm.py checks BiLSTM(impl='native') against an independent NumPy LSTM and
 autodiff of a plain JAX one; here the recurrence itself at edge shapes, the gradients of
-every input, `auto`'s choice and what happens when the kernel cannot be built.
+every input, `auto`'s choice and a batch-sharded run. The build and its failure modes:
+tests/test_native.py.
 """
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 from rqvae_jax import lstm as lstm_lib
+from rqvae_jax import native
 from rqvae_jax import native_lstm
 
 pytestmark = pytest.mark.skipif(
-    native_lstm.find_compiler() is None or jax.default_backend() != 'cpu',
+    native.find_compiler() is None or jax.default_backend() != 'cpu',
     reason='the native LSTM kernel needs a C++ compiler and the CPU backend')
 
 
@@ -37,7 +38,7 @@ def _scan(xs, w_hh):
 
 @pytest.fixture(scope='module', autouse=True)
 def _built():
-  status = native_lstm.load()
+  status = native.load()
   assert status.available, status.reason
   yield
 
@@ -94,64 +95,6 @@ def test_auto_picks_the_kernel_on_the_cpu_and_scan_for_bfloat16():
     native_lstm.recurrence(xs, jnp.zeros((2, 4, 16), jnp.float32))
 
 
-def test_cache_key_follows_the_source_and_the_compiler(tmp_path, monkeypatch):
-  monkeypatch.setenv('RQVAE_JAX_NATIVE_CACHE', str(tmp_path))
-  compiler = native_lstm.find_compiler()
-  path = native_lstm.library_path(compiler)
-  assert path.parent == tmp_path and path.suffix == '.so'
-  assert native_lstm.library_path(compiler) == path                 # deterministic
-  source = tmp_path / 'lstm_cpu.cc'
-  source.write_text(native_lstm.SOURCE.read_text() + '\n// edited\n')
-  monkeypatch.setattr(native_lstm, 'SOURCE', source)
-  assert native_lstm.library_path(compiler) != path                 # an edit rebuilds
-
-
-def test_build_failure_falls_back_to_scan_with_the_reason(tmp_path, monkeypatch, caplog):
-  """No usable compiler: `load` says why, 'native' raises with it, 'auto' warns once and
-  runs the scan, and nothing is left in the cache."""
-  monkeypatch.setenv('RQVAE_JAX_NATIVE_CACHE', str(tmp_path))
-  monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
-  native_lstm.load.cache_clear()
-  native_lstm._warn_once.cache_clear()  # pylint: disable=protected-access
-  try:
-    status = native_lstm.load()
-    assert not status.available
-    assert 'no-such-compiler' in status.reason
-    with pytest.raises(RuntimeError, match='no-such-compiler'):
-      lstm_lib.BiLSTM(hidden_size=4, impl='native')._resolved_impl()  # pylint: disable=protected-access
-    with caplog.at_level(logging.WARNING):
-      assert lstm_lib.BiLSTM(hidden_size=4)._resolved_impl() == 'scan'  # pylint: disable=protected-access
-      assert lstm_lib.BiLSTM(hidden_size=8)._resolved_impl() == 'scan'  # pylint: disable=protected-access
-    warnings = [r for r in caplog.records if 'CPU LSTM kernel' in r.getMessage()]
-    assert len(warnings) == 1 and 'no-such-compiler' in warnings[0].getMessage()
-    assert not list(tmp_path.glob('*.so'))
-    monkeypatch.setenv('RQVAE_JAX_NATIVE_LSTM', '0')
-    native_lstm.load.cache_clear()
-    assert native_lstm.load().reason == 'RQVAE_JAX_NATIVE_LSTM=0'
-  finally:
-    native_lstm.load.cache_clear()
-    monkeypatch.undo()
-    assert native_lstm.load().available                 # the real kernel again
-
-
-def test_a_fresh_build_compiles_loads_and_computes(tmp_path, monkeypatch):
-  # The build path end to end into an empty cache (the other tests may reuse a cached one).
-  monkeypatch.setenv('RQVAE_JAX_NATIVE_CACHE', str(tmp_path))
-  native_lstm.load.cache_clear()
-  try:
-    status = native_lstm.load()
-    assert status.available, status.reason
-    assert status.library.startswith(str(tmp_path)) and list(tmp_path.glob('lstm_cpu-*.so'))
-    assert not list(tmp_path.glob('tmp*'))                       # no half-written files
-    xs, w_hh = _inputs(4, 2, 8, seed=4)
-    np.testing.assert_allclose(np.asarray(jax.jit(native_lstm.recurrence)(xs, w_hh)),
-                               np.asarray(jax.jit(_scan)(xs, w_hh)), atol=2e-6, rtol=0)
-  finally:
-    native_lstm.load.cache_clear()
-    monkeypatch.undo()
-    native_lstm.load()
-
-
 _SHARDED = r'''
 import json, sys
 sys.path.insert(0, {repo!r})
@@ -170,7 +113,7 @@ native = grads(native_lstm.recurrence)
 got = native(xs_sharded, w_replicated)
 want = grads(lambda x, w: lstm._recurrence(x, w, 1))(xs, w)
 hlo = native.lower(xs_sharded, w_replicated).compile().as_text()
-calls = [l for l in hlo.splitlines() if 'custom-call(' in l and 'rqvae_jax_lstm' in l]
+calls = [l for l in hlo.splitlines() if 'custom-call(' in l and '_lstm_' in l]
 print(json.dumps({{
     'devices': len(jax.devices()),
     'diff': [float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want)],

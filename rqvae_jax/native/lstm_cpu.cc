@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
 namespace ffi = xla::ffi;
 
@@ -172,40 +173,6 @@ void backward_direction(const Dims& s, int64_t dir, const float* dhs, const floa
   }
 }
 
-// Runs fn(0) .. fn(n - 1), fn(k) for k >= 1 offered to XLA's intra-op pool. Whichever
-// thread claims a task first runs it: after its own, the caller claims and runs every task
-// no pool thread has started, then waits only for tasks already running. So a busy (or
-// absent) pool never deadlocks the call, it only makes it serial.
-template <typename Fn>
-void run_in_parallel(ffi::ThreadPool& pool, int64_t n, Fn fn) {
-  struct Shared {
-    explicit Shared(int64_t n) : claimed(n), done(n) {
-      for (int64_t i = 0; i < n; ++i) {
-        claimed[i].store(false);
-        done[i].store(false);
-      }
-    }
-    std::vector<std::atomic<bool>> claimed, done;
-  };
-  auto shared = std::make_shared<Shared>(n);
-  for (int64_t k = 1; k < n; ++k) {
-    pool.Schedule([shared, k, fn]() {
-      if (!shared->claimed[k].exchange(true)) {
-        fn(k);
-        shared->done[k].store(true, std::memory_order_release);
-      }
-    });
-  }
-  fn(0);
-  for (int64_t k = 1; k < n; ++k) {
-    if (!shared->claimed[k].exchange(true)) {
-      fn(k);
-    } else {
-      while (!shared->done[k].load(std::memory_order_acquire)) std::this_thread::yield();
-    }
-  }
-}
-
 // (T, D, B, 4H) of a gates-shaped buffer; false when it is not one.
 bool dims_of(const ffi::Buffer<ffi::F32>& gates, Dims* out) {
   auto dims = gates.dimensions();
@@ -224,7 +191,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
   Dims d;
   if (!dims_of(xs, &d)) return bad_shape();
   float *h_out = hs->typed_data(), *c_out = cs->typed_data(), *a_out = acts->typed_data();
-  run_in_parallel(pool, d.d, [&](int64_t dir) {
+  rqvae_native::run_in_parallel(pool, d.d, [&](int64_t dir) {
     forward_direction(d, dir, xs.typed_data(), w_t.typed_data(), h_out, c_out, a_out);
   });
   return ffi::Error::Success();
@@ -235,7 +202,7 @@ ffi::Error InferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
   Dims d;
   if (!dims_of(xs, &d)) return bad_shape();
   float* h_out = hs->typed_data();
-  run_in_parallel(pool, d.d, [&](int64_t dir) {
+  rqvae_native::run_in_parallel(pool, d.d, [&](int64_t dir) {
     forward_direction(d, dir, xs.typed_data(), w_t.typed_data(), h_out, nullptr, nullptr);
   });
   return ffi::Error::Success();
@@ -247,7 +214,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dhs,
   Dims d;
   if (!dims_of(acts, &d)) return bad_shape();
   float* out = dgates->typed_data();
-  run_in_parallel(pool, d.d, [&](int64_t dir) {
+  rqvae_native::run_in_parallel(pool, d.d, [&](int64_t dir) {
     backward_direction(d, dir, dhs.typed_data(), cs.typed_data(), acts.typed_data(),
                        w.typed_data(), out);
   });

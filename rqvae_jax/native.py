@@ -1,0 +1,247 @@
+"""The compiled CPU kernels (rqvae_jax/native/*.cc) behind jax.ffi: build, load, call.
+
+Two kernels, where XLA's CPU code was measurably slow (README: Performance):
+  * the BiLSTM recurrence (native/lstm_cpu.cc; rqvae_jax/native_lstm.py): each
+    direction's 441 steps on its own thread instead of several small thunks a step;
+  * the nearest-code search's argmin (native/nearest_cpu.cc; quantizer.nearest_code): one
+    pass over the plain matmul's output instead of a fused distance epilogue and three
+    reductions.
+Both have portable XLA paths they are tested against, used on accelerators and wherever
+the kernels cannot be built.
+
+The C++ sources ship with the package and are compiled on first use into one library with
+the machine's C++ compiler (`$CXX`, else `c++` / `g++` / `clang++`), for this CPU
+(`-march=native`), against the XLA FFI headers jaxlib ships. The library is cached under
+`$RQVAE_JAX_NATIVE_CACHE` (default `~/.cache/rqvae_jax/native`), keyed by the sources,
+compiler, flags, jaxlib version and CPU, so a later process loads it in milliseconds. No
+compiler, or a failed build: the XLA paths run, with one warning that says why;
+`RQVAE_JAX_NATIVE=0` turns the kernels off.
+"""
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+from jax.experimental.custom_partitioning import custom_partitioning
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+NATIVE_DIR = pathlib.Path(__file__).parent / 'native'
+SOURCES = (NATIVE_DIR / 'lstm_cpu.cc', NATIVE_DIR / 'nearest_cpu.cc')
+HEADERS = (NATIVE_DIR / 'parallel.h',)
+# FFI target (without the library's prefix) -> the symbol the library exports for it.
+_TARGETS = {'lstm_forward': 'RqvaeLstmForward', 'lstm_inference': 'RqvaeLstmInference',
+            'lstm_backward': 'RqvaeLstmBackward', 'nearest_code': 'RqvaeNearestCode'}
+# -fno-trapping-math lets GCC vectorise floor (the exp's range reduction); the kernel
+# never reads the FP exception flags.
+OFF = 'RQVAE_JAX_NATIVE=0'
+_FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-fno-math-errno', '-fno-trapping-math')
+_NATIVE_ARCH = ('-march=native',)
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+  """Whether the kernel is loaded and registered, and if not, why (for the warning)."""
+  available: bool
+  reason: str = ''
+  library: str = ''
+  target_prefix: str = ''   # the FFI targets' names: prefix + a key of _TARGETS
+
+
+def cache_dir() -> pathlib.Path:
+  root = os.environ.get('RQVAE_JAX_NATIVE_CACHE')
+  if root:
+    return pathlib.Path(root)
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return pathlib.Path(base) / 'rqvae_jax' / 'native'
+
+
+def find_compiler() -> str | None:
+  """$CXX if set (even when it is not found: the user asked for it), else the first of
+  c++ / g++ / clang++ on PATH."""
+  if os.environ.get('CXX'):
+    return os.environ['CXX']
+  for name in ('c++', 'g++', 'clang++'):
+    path = shutil.which(name)
+    if path:
+      return path
+  return None
+
+
+def _cpu_signature() -> str:
+  """The CPU's model and flags: a library built with -march=native is for this CPU only."""
+  try:
+    with open('/proc/cpuinfo', encoding='utf-8') as f:
+      lines = [l for l in f if l.startswith(('model name', 'flags', 'Features', 'CPU part'))]
+    return ''.join(sorted(set(lines)))
+  except OSError:
+    return platform.processor() or platform.machine()
+
+
+def _build(compiler: str, out: pathlib.Path) -> str:
+  """Compiles SOURCES into `out` (atomically); returns '' or the compiler's complaint."""
+  include = jax.ffi.include_dir()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  errors = []
+  for arch in (_NATIVE_ARCH, ()):                   # -march=native, then without it
+    fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
+    os.close(fd)
+    cmd = [compiler, *_FLAGS, *arch, f'-I{include}', *map(str, SOURCES), '-o', tmp]
+    try:
+      proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+      os.unlink(tmp)
+      return f'{" ".join(cmd)} could not run: {e}'
+    if proc.returncode == 0:
+      os.replace(tmp, out)
+      return ''
+    os.unlink(tmp)
+    errors.append(f'{" ".join(cmd)} failed:\n{proc.stderr[-2000:]}')
+  return '\n'.join(errors)
+
+
+def library_path(compiler: str) -> pathlib.Path:
+  """Where the library for these sources, compiler, jaxlib and CPU is (or will be) cached."""
+  try:
+    version = subprocess.run([compiler, '--version'], capture_output=True, text=True,
+                             timeout=60, check=False).stdout
+  except (OSError, subprocess.TimeoutExpired):
+    version = ''
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  key = hashlib.sha256()
+  for part in (*(p.read_bytes() for p in SOURCES + HEADERS), compiler.encode(), version.encode(),
+               ' '.join(_FLAGS + _NATIVE_ARCH).encode(), jaxlib.__version__.encode(),
+               platform.machine().encode(), _cpu_signature().encode()):
+    key.update(part)
+    key.update(b'\0')
+  return cache_dir() / f'rqvae_native-{key.hexdigest()[:16]}.so'
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> Status:
+  """Builds (once per machine), loads and registers the kernels; never raises."""
+  if os.environ.get('RQVAE_JAX_NATIVE', '1') == '0':
+    return Status(False, OFF)
+  compiler = find_compiler()
+  if compiler is None:
+    return Status(False, 'no C++ compiler found (set CXX, or install g++ or clang++)')
+  try:
+    path = library_path(compiler)
+    if not path.exists():
+      logging.info('Building the CPU kernels with %s into %s', compiler, path)
+      complaint = _build(compiler, path)
+      if complaint:
+        return Status(False, complaint)
+    lib = ctypes.cdll.LoadLibrary(str(path))
+    # XLA refuses a second handler under a name, so each library file registers its own
+    # names (a process that loads two, e.g. the tests with two caches, keeps both).
+    prefix = f'rqvae_jax_{hashlib.sha256(str(path).encode()).hexdigest()[:16]}_'
+    for kind, symbol in _TARGETS.items():
+      jax.ffi.register_ffi_target(prefix + kind, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                  platform='cpu')
+  except (OSError, AttributeError, RuntimeError, ValueError) as e:
+    return Status(False, f'{type(e).__name__}: {e}')
+  return Status(True, library=str(path), target_prefix=prefix)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(reason: str) -> None:
+  logging.warning('The compiled CPU kernels are not available, so the BiLSTM runs as a '
+                  'lax.scan and the nearest-code search as XLA reductions (slower on the '
+                  'CPU). Why: %s', reason)
+
+
+def usable() -> bool:
+  """True when the kernels are loaded and the default backend is the CPU; warns once (with
+  the reason) when they cannot be built."""
+  if jax.default_backend() != 'cpu':
+    return False
+  status = load()
+  if not status.available and status.reason != OFF:
+    _warn_once(status.reason)
+  return status.available
+
+
+def ffi(kind: str, out_shapes, *args):
+  """The kernel `kind` (a key of _TARGETS) on args, for this device's data only."""
+  status = load()
+  if not status.available:
+    raise RuntimeError(f'The compiled CPU kernels are not available: {status.reason}')
+  return jax.ffi.ffi_call(status.target_prefix + kind, out_shapes, vmap_method='sequential')(
+      *args)
+
+
+def partitioned(kind: str, rule: str, batch_factor: str, result_shapes):
+  """`ffi(kind)` as a custom_partitioning op, per batch shard.
+
+  Under a sharded jit (several devices or processes) each device runs the kernel on its own
+  shard of the batch factor with every other factor replicated, instead of GSPMD gathering
+  the whole batch to every device. On one device it lowers to the plain custom call (and
+  stays in the persistent compilation cache). `rule`: the Shardy rule over the arguments
+  and results (e.g. 'n k, k -> n'); `result_shapes(args)`: the results' ShapeDtypeStructs.
+  """
+  operands, results = (part.split(',') for part in rule.split('->'))
+  arg_factors = [f.split() for f in operands]
+  out_factors = [f.split() for f in results]
+
+  @custom_partitioning
+  def call(*args):
+    return ffi(kind, result_shapes(args), *args)
+
+  def shardings(mesh, arg_shapes):
+    batch = None
+    for factors, shape in zip(arg_factors, arg_shapes):
+      if batch_factor in factors:
+        spec = getattr(shape.sharding, 'spec', P())
+        axis = factors.index(batch_factor)
+        batch = spec[axis] if len(spec) > axis else None
+        break
+    spec = lambda factors: NamedSharding(
+        mesh, P(*(batch if f == batch_factor else None for f in factors)))
+    args = tuple(spec(f) for f in arg_factors)
+    outs = tuple(spec(f) for f in out_factors)
+    return args, outs if len(outs) > 1 else outs[0]
+
+  def infer(mesh, arg_shapes, result_shape):
+    del result_shape
+    return shardings(mesh, arg_shapes)[1]
+
+  def partition(mesh, arg_shapes, result_shape):
+    del result_shape
+    args, outs = shardings(mesh, arg_shapes)
+    lower = lambda *local: ffi(kind, result_shapes(local), *local)
+    return mesh, lower, outs, args
+
+  # Every factor but the batch, in order of appearance (Shardy wants them sorted).
+  replicated = tuple(f for f in dict.fromkeys(rule.replace(',', ' ').replace('->', ' ').split())
+                     if f != batch_factor)
+  call.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                     sharding_rule=rule, need_replication_factors=replicated)
+  return call
+
+
+@functools.lru_cache(maxsize=None)
+def _nearest_call():
+  return partitioned('nearest_code', 'n k, k -> n', 'n',
+                     lambda args: jax.ShapeDtypeStruct(args[0].shape[:1], jnp.int32))
+
+
+def nearest_code_from_cross(cross: jax.Array, norms: jax.Array) -> jax.Array:
+  """argmin_k(norms[k] - 2 cross[n, k]) per row, the first index of the minimum (as
+  jnp.argmin): (N, K) float32, (K,) float32 -> (N,) int32. Not differentiable (an index)."""
+  if cross.ndim != 2 or norms.shape != cross.shape[1:]:
+    raise ValueError(f'cross must be (N, K) and norms (K,), got {cross.shape} and '
+                     f'{norms.shape}.')
+  # An index has no gradient; stop_gradient keeps autodiff (the codebook's tangent in a
+  # training step) away from the kernel, which has no JVP rule.
+  cross, norms = (jax.lax.stop_gradient(a.astype(jnp.float32)) for a in (cross, norms))
+  return _nearest_call()(cross, norms)
