@@ -17,7 +17,7 @@ import os
 import subprocess
 import time
 
-T, IN, H, LAYERS = 441, 256, 256, 2
+T, IN, H, LAYERS = 441, 256, 256, 2      # defaults: the paper model's BiLSTM
 TORCH_PYTHON = '/tmp/original-rqvae-venv/bin/python'
 
 _TORCH_SCRIPT = r"""
@@ -50,7 +50,7 @@ def _median(values):
   return sorted(values)[len(values) // 2]
 
 
-def time_jax(batch, unroll, reps, impl='scan'):
+def time_jax(batch, unroll, reps, impl='scan', frames=T, hidden=H):
   """Median wall and CPU seconds of one jit'd forward+backward."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -59,8 +59,8 @@ def time_jax(batch, unroll, reps, impl='scan'):
   old = lstm_lib.SCAN_UNROLL
   lstm_lib.SCAN_UNROLL = unroll  # read at trace time
   try:
-    model = lstm_lib.BiLSTM(hidden_size=H, num_layers=LAYERS, impl=impl)
-    x = jax.random.normal(jax.random.key(1), (batch, T, IN))
+    model = lstm_lib.BiLSTM(hidden_size=hidden, num_layers=LAYERS, impl=impl)
+    x = jax.random.normal(jax.random.key(1), (batch, frames, hidden))
     params = model.init(jax.random.key(0), x)['params']
     # Gradients w.r.t. params and input, as inside the model.
     grad_fn = jax.jit(jax.grad(
@@ -79,9 +79,9 @@ def time_jax(batch, unroll, reps, impl='scan'):
     lstm_lib.SCAN_UNROLL = old
 
 
-def time_torch(batch, reps, threads):
+def time_torch(batch, reps, threads, frames=T, hidden=H):
   out = subprocess.run(
-      [TORCH_PYTHON, '-c', _TORCH_SCRIPT, str(batch), str(T), str(IN), str(H),
+      [TORCH_PYTHON, '-c', _TORCH_SCRIPT, str(batch), str(frames), str(hidden), str(hidden),
        str(LAYERS), str(reps), str(threads)],
       check=True, capture_output=True, text=True)
   res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -93,6 +93,8 @@ def main():
   parser.add_argument('--batches', default='2,16')
   parser.add_argument('--unrolls', default='1,2,4,8')
   parser.add_argument('--reps', type=int, default=7)
+  parser.add_argument('--frames', type=int, default=T, help='sequence length')
+  parser.add_argument('--hidden', type=int, default=H, help='input and hidden size')
   parser.add_argument('--threads', type=int, default=0,
                       help='1: single-threaded XLA and torch; 0: defaults')
   args = parser.parse_args()
@@ -106,22 +108,24 @@ def main():
   batches = [int(b) for b in args.batches.split(',')]
   unrolls = [int(u) for u in args.unrolls.split(',')]
   result = {'backend': jax.default_backend(), 'cpus': os.cpu_count(),
-            'threads': args.threads or 'default', 'T': T, 'In': IN, 'H': H,
+            'threads': args.threads or 'default', 'T': args.frames, 'In': args.hidden, 'H': args.hidden,
             'layers': LAYERS, 'chosen_unroll': lstm_lib.SCAN_UNROLL,
             'jax_fwd_bwd_s': {}}
   for b in batches:
     result['jax_fwd_bwd_s'][f'B={b}'] = {
-        f'unroll={u}': time_jax(b, u, args.reps) for u in unrolls}
-  from rqvae_jax import native_lstm  # pylint: disable=g-import-not-at-top
-  native = jax.default_backend() == 'cpu' and native_lstm.usable()
+        f'unroll={u}': time_jax(b, u, args.reps, frames=args.frames, hidden=args.hidden)
+        for u in unrolls}
+  from rqvae_jax import native as native_lib  # pylint: disable=g-import-not-at-top
+  native = native_lib.usable()
   if native:
-    result['jax_native_fwd_bwd_s'] = {f'B={b}': time_jax(b, 1, args.reps, 'native')
-                                      for b in batches}
+    result['jax_native_fwd_bwd_s'] = {
+        f'B={b}': time_jax(b, 1, args.reps, 'native', args.frames, args.hidden)
+        for b in batches}
   if os.path.exists(TORCH_PYTHON):
     result['torch_fwd_bwd_s'] = {}
     result['jax_over_torch'] = {}
     for b in batches:
-      tt = time_torch(b, args.reps, args.threads)
+      tt = time_torch(b, args.reps, args.threads, args.frames, args.hidden)
       result['torch_fwd_bwd_s'][f'B={b}'] = tt
       per = result['jax_fwd_bwd_s'][f'B={b}']
       ours = per.get(f'unroll={lstm_lib.SCAN_UNROLL}') or min(

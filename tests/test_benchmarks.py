@@ -38,6 +38,25 @@ def test_quick_benchmark_prints_complete_json(tmp_path):
     assert result['code'] == 'unknown'
 
 
+def test_lstm_speed_times_every_implementation_it_has():
+  from rqvae_jax import native  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.lstm_speed', '--batches', '1,2',
+                         '--unrolls', '1,2', '--reps', '1', '--frames', '7', '--hidden', '8'],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert (result['T'], result['H']) == (7, 8)
+  for b in ('B=1', 'B=2'):
+    assert set(result['jax_fwd_bwd_s'][b]) == {'unroll=1', 'unroll=2'}
+    for times in result['jax_fwd_bwd_s'][b].values():
+      assert times['wall'] > 0 and times['cpu'] > 0
+  if native.find_compiler() is not None:            # the CPU kernel builds here
+    assert set(result['jax_native_fwd_bwd_s']) == {'B=1', 'B=2'}
+    assert all(v['wall'] > 0 for v in result['jax_native_fwd_bwd_s'].values())
+  if 'torch_fwd_bwd_s' in result:                   # the original's venv exists here
+    assert set(result['jax_over_torch']) == {'B=1', 'B=2'}
+
+
 def test_rounds_alternate_ours_and_the_original_and_quote_median_ratios():
   """--rounds: each round pairs one of our runs with one of the original's, in that order,
   and the quoted ratio is the median over rounds (one slow minute does not decide it)."""
