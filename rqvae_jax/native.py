@@ -41,16 +41,16 @@ HEADERS = (NATIVE_DIR / 'parallel.h',)
 # FFI target (without the library's prefix) -> the symbol the library exports for it.
 _TARGETS = {'lstm_forward': 'RqvaeLstmForward', 'lstm_inference': 'RqvaeLstmInference',
             'lstm_backward': 'RqvaeLstmBackward', 'nearest_code': 'RqvaeNearestCode'}
-# -fno-trapping-math lets GCC vectorise floor (the exp's range reduction); the kernel
-# never reads the FP exception flags.
-OFF = 'RQVAE_JAX_NATIVE=0'
+OFF = 'RQVAE_JAX_NATIVE=0'                 # the reason load() gives when turned off
+# -fno-trapping-math lets GCC vectorise floor (the exp's range reduction); the kernels
+# never read the FP exception flags.
 _FLAGS = ('-O3', '-std=c++17', '-shared', '-fPIC', '-fno-math-errno', '-fno-trapping-math')
 _NATIVE_ARCH = ('-march=native',)
 
 
 @dataclasses.dataclass(frozen=True)
 class Status:
-  """Whether the kernel is loaded and registered, and if not, why (for the warning)."""
+  """Whether the kernels are loaded and registered, and if not, why (for the warning)."""
   available: bool
   reason: str = ''
   library: str = ''
