@@ -139,13 +139,18 @@ def _recurrence_bwd(unroll, residuals, dhs):
           jnp.zeros((d, b, hid), jnp.float32))
   _, dgates = jax.lax.scan(
       step, init, (dhs, cs, c_prev, acts), reverse=True, unroll=unroll)
-  h_prev = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]], axis=0)
-  dw_hh = jnp.einsum('tdbg,tdbh->dgh', dgates, h_prev,
-                     preferred_element_type=jnp.float32)
-  return dgates.astype(dhs.dtype), dw_hh.astype(w_hh.dtype)
+  return dgates.astype(dhs.dtype), recurrent_weight_grad(dgates, hs).astype(w_hh.dtype)
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+def recurrent_weight_grad(dgates, hs):
+  """dW_hh (D, 4H, H) float32 from the gate gradients and hidden states (T, D, B, .) of
+  both directions: one matmul over all steps after the backward walk (the scan's and the
+  CPU kernel's backward both leave it out of their per-step loop)."""
+  h_prev = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]], axis=0)
+  return jnp.einsum('tdbg,tdbh->dgh', dgates, h_prev, preferred_element_type=jnp.float32)
 
 
 def _bilstm_layer_scan(x, w_ih, w_hh, b, unroll, native=False):
@@ -250,8 +255,8 @@ class BiLSTM(nn.Module):
     if self.impl == 'auto':
       if _on_cuda():
         return 'cudnn'
-      on_cpu = jax.default_backend() == 'cpu' and jnp.dtype(self.dtype) == jnp.float32
-      return 'native' if on_cpu and native.usable() else 'scan'
+      # native.usable(): the CPU backend and a built kernel.
+      return 'native' if jnp.dtype(self.dtype) == jnp.float32 and native.usable() else 'scan'
     if self.impl == 'cudnn' and not _on_cuda():
       raise ValueError(
           "BiLSTM impl='cudnn' needs a CUDA GPU backend, but jax's default "

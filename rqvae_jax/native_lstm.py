@@ -71,11 +71,9 @@ def _recurrence_fwd(xs, w_hh):
 
 def _recurrence_bwd(residuals, dhs):
   hs, cs, acts, w_hh = residuals
+  from rqvae_jax import lstm  # pylint: disable=g-import-not-at-top  (lstm imports this module)
   dgates = _call('lstm_backward', dhs.astype(jnp.float32), cs, acts, w_hh)
-  # dW_hh as one matmul over all steps (the kernel only walks the recurrence).
-  h_prev = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]], axis=0)
-  dw_hh = jnp.einsum('tdbg,tdbh->dgh', dgates, h_prev, preferred_element_type=jnp.float32)
-  return dgates, dw_hh
+  return dgates, lstm.recurrent_weight_grad(dgates, hs)   # the kernel only walks the steps
 
 
 recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

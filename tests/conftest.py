@@ -1,5 +1,9 @@
-"""Shared fixtures: a persistent compilation cache for the session and one trained smoke run."""
+"""Shared fixtures: a persistent compilation cache for the session and one trained smoke run;
+and running a script on two fake CPU devices."""
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
@@ -24,6 +28,24 @@ def _compilation_cache(tmp_path_factory):
   compilation_cache.enable(path)
   os.environ['RQVAE_JAX_CACHE'] = path   # subprocesses (CLI tests) share it
   yield
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def two_cpu_devices_env() -> dict:
+  """The environment of a subprocess whose JAX sees two CPU devices (one process)."""
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2')
+
+
+def run_on_two_cpu_devices(script: str) -> dict:
+  """Runs `script` (str.format'ed with repo=the checkout) in a fresh Python on two CPU
+  devices; returns the JSON object its last line of output prints."""
+  proc = subprocess.run([sys.executable, '-c', script.format(repo=REPO)],
+                        env=two_cpu_devices_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # For tests that compile the train step only to check plumbing (data parallelism, the

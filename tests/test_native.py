@@ -1,11 +1,7 @@
 """The compiled CPU kernels' build, cache and fallback (rqvae_jax.native), and the
 nearest-code kernel against XLA's argmin (the LSTM kernel: tests/test_native_lstm.py)."""
 
-import json
 import logging
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +11,7 @@ import pytest
 from rqvae_jax import lstm as lstm_lib
 from rqvae_jax import native
 from rqvae_jax import quantizer as qz
+from tests.conftest import run_on_two_cpu_devices
 
 pytestmark = pytest.mark.skipif(
     native.find_compiler() is None or jax.default_backend() != 'cpu',
@@ -112,13 +109,7 @@ print(json.dumps({{'devices': len(jax.devices()),
 
 
 def test_nearest_code_kernel_runs_per_batch_shard():
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2')
-  proc = subprocess.run([sys.executable, '-c', _SHARDED.format(repo=repo)], env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  info = json.loads(proc.stdout.strip().splitlines()[-1])
+  info = run_on_two_cpu_devices(_SHARDED)
   assert info['devices'] == 2 and info['equal'], info
   assert info['gathers'] == 0 and info['calls'] == 1 and info['local_rows_4'], info
   assert 'data' in info['spec']

@@ -6,11 +6,6 @@ every input, `auto`'s choice and a batch-sharded run. The build and its failure 
 tests/test_native.py.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +14,7 @@ import pytest
 from rqvae_jax import lstm as lstm_lib
 from rqvae_jax import native
 from rqvae_jax import native_lstm
+from tests.conftest import run_on_two_cpu_devices
 
 pytestmark = pytest.mark.skipif(
     native.find_compiler() is None or jax.default_backend() != 'cpu',
@@ -126,13 +122,7 @@ print(json.dumps({{
 def test_sharded_batch_runs_per_device_without_gathering():
   """Under a batch-sharded jit on two devices each device runs the kernel on its own half
   of the batch (custom_partitioning), with the scan's gradients."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2')
-  proc = subprocess.run([sys.executable, '-c', _SHARDED.format(repo=repo)], env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  info = json.loads(proc.stdout.strip().splitlines()[-1])
+  info = run_on_two_cpu_devices(_SHARDED)
   assert info['devices'] == 2
   assert max(info['diff']) < 1e-5, info
   assert info['gathers'] == 0 and info['calls'] == 2 and info['local_batch_2'], info

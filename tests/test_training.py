@@ -16,7 +16,7 @@ from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import train_state
 from rqvae_jax import training
 from rqvae_jax import validation
-from tests.conftest import SMALL_GRAPH, smoke_config
+from tests.conftest import SMALL_GRAPH, smoke_config, two_cpu_devices_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -264,8 +264,7 @@ for n in (1, 2):
 
 def test_two_devices_match_one_device(tmp_path):
   # One process with two fake CPU devices runs the step on a 1-device and a 2-device mesh.
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2')
+  env = two_cpu_devices_env()
   out = tmp_path / 'params'
   script = _TWO_DEVICES.format(repo=REPO, out=str(out), small_graph=SMALL_GRAPH)
   proc = subprocess.run([sys.executable, '-c', script],

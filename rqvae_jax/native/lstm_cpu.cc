@@ -185,27 +185,26 @@ ffi::Error bad_shape() {
   return ffi::Error::InvalidArgument("rqvae LSTM kernel: gates must be (T, D, B, 4H)");
 }
 
-ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
-                       ffi::Buffer<ffi::F32> w_t, ffi::ResultBuffer<ffi::F32> hs,
-                       ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> acts) {
+// Both directions' forward passes; `cs` and `acts` null for inference.
+ffi::Error forward(ffi::ThreadPool& pool, const ffi::Buffer<ffi::F32>& xs,
+                   const ffi::Buffer<ffi::F32>& w_t, float* hs, float* cs, float* acts) {
   Dims d;
   if (!dims_of(xs, &d)) return bad_shape();
-  float *h_out = hs->typed_data(), *c_out = cs->typed_data(), *a_out = acts->typed_data();
   rqvae_native::run_in_parallel(pool, d.d, [&](int64_t dir) {
-    forward_direction(d, dir, xs.typed_data(), w_t.typed_data(), h_out, c_out, a_out);
+    forward_direction(d, dir, xs.typed_data(), w_t.typed_data(), hs, cs, acts);
   });
   return ffi::Error::Success();
 }
 
+ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
+                       ffi::Buffer<ffi::F32> w_t, ffi::ResultBuffer<ffi::F32> hs,
+                       ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> acts) {
+  return forward(pool, xs, w_t, hs->typed_data(), cs->typed_data(), acts->typed_data());
+}
+
 ffi::Error InferenceImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
                          ffi::Buffer<ffi::F32> w_t, ffi::ResultBuffer<ffi::F32> hs) {
-  Dims d;
-  if (!dims_of(xs, &d)) return bad_shape();
-  float* h_out = hs->typed_data();
-  rqvae_native::run_in_parallel(pool, d.d, [&](int64_t dir) {
-    forward_direction(d, dir, xs.typed_data(), w_t.typed_data(), h_out, nullptr, nullptr);
-  });
-  return ffi::Error::Success();
+  return forward(pool, xs, w_t, hs->typed_data(), nullptr, nullptr);
 }
 
 ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dhs,
