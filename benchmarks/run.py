@@ -98,7 +98,7 @@ def bench_separate(config, batch: int, steps: int, warmup: int, song_seconds: fl
   sep = Separator.from_variables(config, state.variables(use_ema=True))
   rng = np.random.default_rng(0)
   chunks = (0.05 * rng.normal(size=(batch, sep.chunk))).astype(np.float32)
-  compile_s, times = _timed(lambda: sep.separate_chunks(chunks)[0], steps, warmup)
+  compile_s, times = _timed(lambda: sep.separate_stems(chunks), steps, warmup)
   med = float(np.median(times))
   out = {'separate_compile_s': round(compile_s - med, 2),
          'separate_chunk_batch': batch,
@@ -107,7 +107,7 @@ def bench_separate(config, batch: int, steps: int, warmup: int, song_seconds: fl
   in_flight = int(config.inference.in_flight)
   calls = max(steps, 2) * in_flight
   stream = (0.05 * rng.normal(size=calls * batch * sep.chunk)).astype(np.float32)
-  fn = lambda b: sep.separate_chunks(b)[0]
+  fn = sep.separate_stems
   t = time.perf_counter()
   overlap_add(fn, stream, sep.chunk, 0.0, batch, in_flight=in_flight)
   dt = time.perf_counter() - t

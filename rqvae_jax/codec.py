@@ -30,7 +30,8 @@ import numpy as np
 from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import cli
 from rqvae_jax import codes_file
-from rqvae_jax.model import RQVAE, is_valid_length, latent_length, output_head
+from rqvae_jax.model import (RQVAE, is_valid_length, latent_length, output_head,
+                             with_search_table)
 
 
 def check_codec_config(config: ml_collections.ConfigDict) -> None:
@@ -63,7 +64,8 @@ class Codec:
 
   def __init__(self, config: ml_collections.ConfigDict, variables: Dict, step: int = 0):
     check_codec_config(config)
-    self.config, self.variables, self.step = config, variables, step
+    self.config, self.step = config, step
+    self.variables = with_search_table(variables, config.inference.vq_search)
     self.chunk = int(config.inference.chunk_samples)
     if not is_valid_length(self.chunk, config.model):
       raise ValueError(f'inference.chunk_samples={self.chunk} is not a valid model length.')

@@ -25,7 +25,20 @@ from rqvae_jax import mask_head
 from rqvae_jax.lstm import BiLSTM
 from rqvae_jax.mask_head import MaskDecoder
 from rqvae_jax.spectrum_head import SpectrumDecoder
+from rqvae_jax import quantizer as quantizer_lib
 from rqvae_jax.quantizer import ResidualVQ
+
+
+def with_search_table(variables: Dict[str, Any], mode: str) -> Dict[str, Any]:
+  """`variables` with the residual VQ's screened-search table (`quantizer.search_table`) in
+  the `vq_search` collection where `mode` (config `inference.vq_search`) picks that search
+  and the model has a quantizer; otherwise `variables` as they are. For inference only:
+  the table is a copy of the codebooks that training would leave stale."""
+  params = variables.get('params', {})
+  if 'quantizer' not in params or not quantizer_lib.use_screened_search(mode):
+    return variables
+  table = quantizer_lib.search_table(params['quantizer']['codebooks'])
+  return {**variables, quantizer_lib.SEARCH: {'quantizer': {'table': table}}}
 
 
 def normalize(audio, model_config):

@@ -40,7 +40,8 @@ SOURCES = (NATIVE_DIR / 'lstm_cpu.cc', NATIVE_DIR / 'nearest_cpu.cc')
 HEADERS = (NATIVE_DIR / 'parallel.h',)
 # FFI target (without the library's prefix) -> the symbol the library exports for it.
 _TARGETS = {'lstm_forward': 'RqvaeLstmForward', 'lstm_inference': 'RqvaeLstmInference',
-            'lstm_backward': 'RqvaeLstmBackward', 'nearest_code': 'RqvaeNearestCode'}
+            'lstm_backward': 'RqvaeLstmBackward', 'nearest_code': 'RqvaeNearestCode',
+            'nearest_code_screened': 'RqvaeNearestCodeScreened'}
 OFF = 'RQVAE_JAX_NATIVE=0'                 # the reason load() gives when turned off
 # -fno-trapping-math lets GCC vectorise floor (the exp's range reduction); the kernels
 # never read the FP exception flags.
@@ -245,3 +246,26 @@ def nearest_code_from_cross(cross: jax.Array, norms: jax.Array) -> jax.Array:
   # training step) away from the kernel, which has no JVP rule.
   cross, norms = (jax.lax.stop_gradient(a.astype(jnp.float32)) for a in (cross, norms))
   return _nearest_call()(cross, norms)
+
+
+def nearest_code_screened(cross: jax.Array, norms: jax.Array, x: jax.Array,
+                          codebook: jax.Array) -> jax.Array:
+  """The nearest code of each row of x, screened by an approximate cross product: `cross`
+  (N, K) is bf16(x) . bf16(codebook) accumulated in float32, `norms` (K,) the float32
+  ||codebook||^2; the kernel bounds the approximation's error, scores the codes the bound
+  cannot rule out exactly from x (N, D) and the codebook (K, D), and returns (N,) int32 the
+  argmin of the exact distances (the first index on ties; native/nearest_cpu.cc says why the
+  bound holds). Not differentiable (an index)."""
+  n, k = cross.shape if cross.ndim == 2 else (None, None)
+  if (cross.ndim != 2 or norms.shape != (k,) or x.ndim != 2 or x.shape[0] != n
+      or codebook.shape != (k, x.shape[1])):
+    raise ValueError(f'cross must be (N, K), norms (K,), x (N, D) and codebook (K, D), got '
+                     f'{cross.shape}, {norms.shape}, {x.shape} and {codebook.shape}.')
+  args = (jax.lax.stop_gradient(a.astype(jnp.float32)) for a in (cross, norms, x, codebook))
+  return _screened_call()(*args)
+
+
+@functools.lru_cache(maxsize=None)
+def _screened_call():
+  return partitioned('nearest_code_screened', 'n k, k, n d, k d -> n', 'n',
+                     lambda args: jax.ShapeDtypeStruct(args[0].shape[:1], jnp.int32))

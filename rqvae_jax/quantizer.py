@@ -18,15 +18,21 @@ its usage is decay (1 - decay^10) / (1 - decay) * c: it survives with c >= 0.236
 often, so its threshold counts batches, not uses. Only training calls update the usage: the
 original also updates it on validation batches; here validation runs with train=False.
 """
+import functools
+import time
 from typing import Any, Dict, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rqvae_jax import native
 
 STATS = 'codebook_stats'
+# A derived, read-only collection an inference caller may add (`search_table`): the codebooks
+# as the screened CPU search wants them. Never trained, never saved.
+SEARCH = 'vq_search'
 
 
 def _dtype(name_or_dtype) -> Any:
@@ -64,7 +70,7 @@ def first_argmin(values: jax.Array, group: int = 64) -> jax.Array:
   return chosen * group + jnp.argmin(inside, axis=-1)              # first index inside it
 
 
-def nearest_code(x: jax.Array, codebook: jax.Array, dtype=jnp.float32) -> jax.Array:
+def nearest_code(x: jax.Array, codebook: jax.Array, dtype=jnp.float32, table=None) -> jax.Array:
   """Index of the nearest code for each row of x (the ||x||^2 term does not change argmin).
 
   On the CPU, when the compiled kernels build (`rqvae_jax.native`), the matmul is a plain
@@ -72,12 +78,75 @@ def nearest_code(x: jax.Array, codebook: jax.Array, dtype=jnp.float32) -> jax.Ar
   one stage of the paper's VQ (882 x 256 against 4096 codes) 5.8-6.4 -> 4.3 ms on the 2-core
   AMD EPYC with AVX-512, the 12 stages 70-73 -> 50-52 ms, the same indices (README:
   Performance). Elsewhere the distances and `first_argmin` in XLA.
+
+  With a search `table` (this stage's slice of `search_table`: the bfloat16 codebook laid out
+  (D, K) and the float32 norms) on the CPU, the dot runs in bfloat16 (twice the float32
+  rate on a CPU with AVX-512-BF16, but only from that layout) and the kernel screens its
+  result with a proven error bound, scoring the few codes it cannot rule out exactly: the
+  nearest code of the exact distances (`native.nearest_code_screened`).
   """
+  if table is not None and native.usable():
+    codebook_t = jax.lax.bitcast_convert_type(table['codebooks_t'], jnp.bfloat16)
+    cross = jnp.dot(x.astype(jnp.bfloat16), codebook_t, preferred_element_type=jnp.float32)
+    return native.nearest_code_screened(cross, table['norms'], x, codebook)
   cross = jnp.dot(x.astype(dtype), codebook.astype(dtype).T, preferred_element_type=jnp.float32)
   c2 = jnp.sum(jnp.square(codebook.astype(jnp.float32)), axis=-1)
   if native.usable():
     return native.nearest_code_from_cross(cross, c2)
   return first_argmin(c2 - 2.0 * cross).astype(jnp.int32)
+
+
+def search_table(codebooks: jax.Array) -> Dict[str, jax.Array]:
+  """The screened search's view of fixed codebooks (Q, K, D): `codebooks_t` (Q, D, K)
+  bfloat16 and `norms` (Q, K) float32. Built once per set of codebooks (the layout change
+  costs more than one forward pass saves), so for inference, where they do not change."""
+  codebooks = jnp.asarray(codebooks, jnp.float32)
+  bits = jax.lax.bitcast_convert_type(codebooks.astype(jnp.bfloat16), jnp.uint16)
+  return {'codebooks_t': jnp.swapaxes(bits, 1, 2),
+          'norms': jnp.sum(jnp.square(codebooks), axis=-1)}
+
+
+SEARCH_MODES = ('auto', 'screened', 'float32')
+
+
+def use_screened_search(mode: str) -> bool:
+  """Whether inference should build a `search_table` (config `inference.vq_search`):
+  'float32' never, 'screened' wherever the CPU kernels run, 'auto' where they run and this
+  CPU's bfloat16 dot is measurably faster than its float32 one (`bf16_dot_pays`). Either
+  way the codes are the nearest of the exact distances; only the speed differs."""
+  if mode not in SEARCH_MODES:
+    raise ValueError(f'inference.vq_search must be one of {SEARCH_MODES}, got {mode!r}.')
+  if mode == 'float32' or not native.usable():
+    return False
+  return mode == 'screened' or bf16_dot_pays()
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_dot_pays(rows: int = 882, dim: int = 256, codes: int = 4096, margin: float = 0.85
+                  ) -> bool:
+  """One VQ stage's dot (a batch-2 chunk's frames against 4096 codes) timed both ways on this
+  CPU, once per process (~0.3 s): True when the bfloat16 one from the (D, K) layout takes
+  under `margin` of the float32 one. On the 2-core AVX-512-BF16 EPYC 2.0-2.6 ms vs 4.0-4.8 ms
+  (2026-12-07); a CPU without bfloat16 dot instructions emulates them, and the issue's
+  AVX-512/AMX Xeon measured XLA's bfloat16 matmuls slower than float32."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(rows, dim)), jnp.float32)
+  c = jnp.asarray(rng.normal(size=(codes, dim)), jnp.float32)
+  c_t = jnp.asarray(np.asarray(c).T, jnp.bfloat16)
+  f32 = jax.jit(lambda x, c: jnp.dot(x, c.T))
+  bf16 = jax.jit(lambda x, c_t: jnp.dot(x.astype(jnp.bfloat16), c_t,
+                                         preferred_element_type=jnp.float32))
+
+  def best_of(fn, *args):
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(5):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times.append(time.perf_counter() - start)
+    return min(times)
+
+  return best_of(bf16, x, c_t) < margin * best_of(f32, x, c)
 
 
 def xavier_normal(key, shape, dtype=jnp.float32):
@@ -114,9 +183,13 @@ class ResidualVQ(nn.Module):
     flat = z_e.reshape(-1, dim)
     dist_dtype = _dtype(self.distance_dtype)
 
-    def stage(carry, codebook):
+    table = (self.get_variable(SEARCH, 'table') if self.has_variable(SEARCH, 'table')
+             else None)
+
+    def stage(carry, xs):
+      codebook, stage_table = xs
       residual, cumulative, quantized = carry
-      idx = nearest_code(jax.lax.stop_gradient(residual), codebook, dist_dtype)
+      idx = nearest_code(jax.lax.stop_gradient(residual), codebook, dist_dtype, stage_table)
       q = jnp.take(codebook, idx, axis=0)
       cumulative = cumulative + jax.lax.stop_gradient(q)
       losses = (jnp.mean(jnp.square(jax.lax.stop_gradient(residual) - q)),
@@ -130,7 +203,7 @@ class ResidualVQ(nn.Module):
     # was a separate reduction of 12 x (B*T, D), ~5 % of the eval forward on the CPU.
     init = (flat, jnp.zeros_like(flat), jnp.zeros_like(flat))
     (_, _, quantized), (idx, residuals, counts, losses) = jax.lax.scan(stage, init,
-                                                                       self.codebooks)
+                                                                       (self.codebooks, table))
     quantized = quantized.reshape(batch, length, dim)
     if train and not self.is_initializing():
       self.usage.value = self.usage_decay * (self.usage.value + counts)

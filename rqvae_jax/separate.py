@@ -33,7 +33,7 @@ from rqvae_jax import metrics as metrics_lib
 from rqvae_jax import stem_files
 from rqvae_jax.chunking import (chunk_starts, crossfade_window, hop_of,  # pylint: disable=unused-import
                                 overlap_add, overlap_add_stream, shifted_mean)
-from rqvae_jax.model import RQVAE, is_valid_length, next_valid_length
+from rqvae_jax.model import RQVAE, is_valid_length, next_valid_length, with_search_table
 
 # A file whose peak is at most one 16-bit step (dither, or digital silence) is silent: its
 # stems are written as silence instead of what the model makes of near-zero input (about
@@ -68,11 +68,21 @@ class Separator:
       raise ValueError(f'inference.chunk_samples={chunk} is not a length the model maps back to '
                        f'itself; use {next_valid_length(chunk, config.model)}.')
     model = RQVAE(config.model)
+    variables = with_search_table(variables, config.inference.vq_search)
+
+    codebook_size = int(config.model.quantizer.codebook_size)
 
     @jax.jit
-    def fn(variables, mixtures):
+    def fn(variables, mixtures, num_rows):
       stems, aux = model.apply(variables, mixtures, train=False)
-      return stems, aux.get('codes')        # None: a Gaussian bottleneck has no codes
+      codes = aux.get('codes')              # None: a Gaussian bottleneck has no codes
+      if codes is None:
+        return stems, None
+      # The per-stage histogram in the same program (rows past num_rows only fill a batch: their
+      # codes go out of range and are dropped), not a dozen op-by-op dispatches afterwards.
+      rows = jnp.arange(codes.shape[0])[:, None, None]
+      return stems, metrics_lib.code_histogram(jnp.where(rows < num_rows, codes, -1),
+                                               codebook_size)
 
     return cls(config=config, variables=variables, step=step, chunk=chunk, _fn=fn)
 
@@ -81,12 +91,19 @@ class Separator:
     """(B, chunk) -> stems (B, chunk, S) and code counts (Q, K) of the first `num_rows` chunks
     (default all: rows past num_rows only fill a batch and are left out of the counts);
     a Gaussian-bottleneck model has no codes: its counts are an empty (0, 0) array."""
-    stems, codes = self._fn(self.variables, jnp.asarray(mixtures, jnp.float32))
-    if codes is None:
+    num_rows = len(mixtures) if num_rows is None else int(num_rows)
+    stems, counts = self._fn(self.variables, jnp.asarray(mixtures, jnp.float32),
+                             np.int32(num_rows))
+    if counts is None:
       return np.asarray(stems), np.zeros((0, 0), np.float32)
-    codes = np.asarray(codes)[:len(mixtures) if num_rows is None else num_rows]
-    counts = metrics_lib.code_histogram(codes, int(self.config.model.quantizer.codebook_size))
     return np.asarray(stems), np.asarray(counts, np.float32)
+
+  def separate_stems(self, mixtures: np.ndarray) -> np.ndarray:
+    """(B, chunk) -> stems (B, chunk, S): `separate_chunks` without fetching the code counts
+    (the separation path has no use for them)."""
+    stems, _ = self._fn(self.variables, jnp.asarray(mixtures, jnp.float32),
+                        np.int32(len(mixtures)))
+    return np.asarray(stems)
 
   def __call__(self, mixture: np.ndarray, progress=None) -> np.ndarray:
     """Mono mixture (N,) at the model's rate -> stems (N, S)."""
@@ -96,7 +113,7 @@ class Separator:
     if not np.all(np.isfinite(mixture)):
       raise ValueError('The mixture has NaN/inf samples; clean them before separating.')
     inf = self.config.inference
-    return overlap_add(lambda b: self.separate_chunks(b)[0], mixture, self.chunk, inf.overlap,
+    return overlap_add(self.separate_stems, mixture, self.chunk, inf.overlap,
                        inf.batch_size, progress, inf.in_flight,
                        delays=config_shift_delays(self.config))
 
@@ -164,7 +181,7 @@ def _stem_blocks(separator: 'Separator', path: str, info: audio_lib.AudioInfo, f
   blocks = fifo.tee(audio_lib.read_blocks(path, block_frames))
   model_in = audio_lib.resample_stream(blocks, info.sample_rate, rate, c)
   separate_stream = lambda b: overlap_add_stream(
-      lambda x: separator.separate_chunks(x)[0], b, separator.chunk, inf.overlap,
+      separator.separate_stems, b, separator.chunk, inf.overlap,
       inf.batch_size, progress, inf.in_flight)
   stems = shifted_mean(separate_stream, model_in, delays, c)
   flat = (part.reshape(part.shape[0], num_stems * c) for part in stems)   # stem s, ch k: s*C+k

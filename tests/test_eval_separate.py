@@ -12,6 +12,7 @@ import soundfile as sf
 
 from rqvae_jax import evaluation
 from rqvae_jax import separate
+from rqvae_jax.model import latent_length
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,7 +130,7 @@ def test_separator_is_its_chunk_function_cross_faded(smoke_run):
   for s in starts:
     batch = np.zeros((inf.batch_size, chunk), np.float32)   # the shape compiled already
     batch[0] = padded[s:s + chunk]
-    total[s:s + chunk] += np.asarray(sep._fn(sep.variables, batch)[0])[0] * window[:, None]
+    total[s:s + chunk] += sep.separate_stems(batch)[0] * window[:, None]
     weight[s:s + chunk] += window
   np.testing.assert_allclose(stems, (total / weight[:, None])[:n], atol=1e-5)
   with pytest.raises(ValueError, match='NaN'):
@@ -239,7 +240,7 @@ def test_separate_chunks_counts_only_the_real_rows(smoke_run):
   sep = separate.Separator.from_workdir(workdir, 'latest')
   rng = np.random.default_rng(2)
   real = (0.1 * rng.normal(size=(3, sep.chunk))).astype(np.float32)
-  frames = sep._fn(sep.variables, real)[1].shape[1]
+  frames = latent_length(sep.chunk, sep.config.model)
   counts = {}
   for name, filler in (('zeros', np.zeros((2, sep.chunk), np.float32)),
                        ('noise', rng.normal(size=(2, sep.chunk)).astype(np.float32))):
@@ -248,6 +249,33 @@ def test_separate_chunks_counts_only_the_real_rows(smoke_run):
   np.testing.assert_array_equal(counts['zeros'], counts['noise'])
   _, all_rows = sep.separate_chunks(np.concatenate([real, real[:2]]))
   assert np.all(all_rows.sum(axis=1) == 5 * frames)
+
+
+def test_screened_code_search_separates_as_the_float32_one(smoke_run):
+  # The bfloat16-screened search (a table in the vq_search collection) is exact: the same
+  # codes, so the same stems and code counts as the float32 search.
+  _, workdir = smoke_run
+  rng = np.random.default_rng(3)
+  chunks = None
+  out = {}
+  for mode in ('float32', 'screened'):
+    sep = separate.Separator.from_workdir(workdir, 'latest')
+    sep = separate.Separator.from_variables(
+        _with(sep.config, 'inference.vq_search', mode),
+        {k: v for k, v in sep.variables.items() if k != 'vq_search'})
+    assert ('vq_search' in sep.variables) == (mode == 'screened')
+    if chunks is None:
+      chunks = (0.1 * rng.normal(size=(3, sep.chunk))).astype(np.float32)
+    out[mode] = sep.separate_chunks(chunks)
+  np.testing.assert_array_equal(out['screened'][1], out['float32'][1])
+  np.testing.assert_array_equal(out['screened'][0], out['float32'][0])
+
+
+def _with(config, key, value):
+  config = config.copy_and_resolve_references()
+  section, field = key.split('.')
+  config[section][field] = value
+  return config
 
 
 @pytest.mark.parametrize('mode', ['track', 'window'])

@@ -84,6 +84,97 @@ def test_quantizer_search_uses_the_kernel_with_the_xla_paths_indices(monkeypatch
   np.testing.assert_array_equal(got, np.asarray(search()(x, codebook)))
 
 
+def _screened(x, codebook):
+  """The screened search as quantizer.nearest_code runs it: the bfloat16 dot, then the kernel."""
+  x, codebook = jnp.asarray(x, jnp.float32), jnp.asarray(codebook, jnp.float32)
+  table = qz.search_table(codebook[None])
+  stage = jax.tree_util.tree_map(lambda a: a[0], table)
+  return np.asarray(jax.jit(qz.nearest_code)(x, codebook, table=stage))
+
+
+def _exact_nearest(x, codebook):
+  """The nearest code of the real-valued distances (float64 from the float32 inputs)."""
+  x, c = np.asarray(x, np.float64), np.asarray(codebook, np.float64)
+  return np.argmin(np.sum(c * c, -1)[None] - 2.0 * x @ c.T, axis=-1)
+
+
+def _bf16_only(x, codebook):
+  """What the bfloat16 dot alone would pick (no exact rescoring)."""
+  xb = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+  cb = np.asarray(jnp.asarray(codebook, jnp.bfloat16), np.float64)
+  c2 = np.sum(np.asarray(codebook, np.float64) ** 2, -1)
+  return np.argmin(c2[None] - 2.0 * xb @ cb.T, axis=-1)
+
+
+def test_screened_search_is_the_exact_nearest_code_where_bfloat16_alone_is_not():
+  rng = np.random.default_rng(4)
+  # Clustered codes and frames (64 centres, spread 0.3): many codes within bfloat16 rounding
+  # of the nearest, where the bf16 dot alone ranks them wrongly.
+  centres = rng.normal(size=(64, 256))
+  codebook = centres[rng.integers(0, 64, 4096)] + 0.3 * rng.normal(size=(4096, 256))
+  x = centres[rng.integers(0, 64, 300)] + 0.3 * rng.normal(size=(300, 256))
+  x, codebook = x.astype(np.float32), codebook.astype(np.float32)
+  want = _exact_nearest(x, codebook)
+  assert np.mean(_bf16_only(x, codebook) != want) > 0.01      # the screen alone is not enough
+  got = _screened(x, codebook)
+  assert got.dtype == np.int32 and got.shape == (300,)
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('n,k,d', [(130, 4096, 256), (63, 37, 20), (1, 5, 3)])
+def test_screened_search_matches_exact_for_any_shape(n, k, d):
+  # Scalar tails in the codes (37, 5) and in the dimension (20, 3); one and two threads.
+  rng = np.random.default_rng(n + k)
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  codebook = (0.5 * rng.normal(size=(k, d))).astype(np.float32)
+  np.testing.assert_array_equal(_screened(x, codebook), _exact_nearest(x, codebook))
+
+
+def test_screened_search_ties_nan_and_shapes():
+  rng = np.random.default_rng(5)
+  codebook = rng.normal(size=(40, 16)).astype(np.float32)
+  codebook = np.concatenate([codebook, codebook])         # every code twice: the first wins
+  x = (codebook[rng.integers(0, 40, 9)] + 0.01 * rng.normal(size=(9, 16))).astype(np.float32)
+  x[4] = np.nan
+  got = _screened(x, codebook)
+  want = _exact_nearest(x, codebook)
+  keep = np.arange(9) != 4
+  np.testing.assert_array_equal(got[keep], want[keep])
+  assert np.all(got < 40) and got[4] == 0                 # a NaN row: index 0, as the argmin
+  cross = jnp.zeros((9, 80), jnp.float32)
+  with pytest.raises(ValueError, match=r'codebook \(K, D\)'):
+    native.nearest_code_screened(cross, jnp.ones((80,)), jnp.asarray(x), jnp.asarray(codebook[:, :8]))
+
+
+def test_vq_with_a_search_table_gives_the_float32_codes():
+  model = qz.ResidualVQ(num_quantizers=3, codebook_size=512, dim=64)
+  z = jax.random.normal(jax.random.PRNGKey(0), (2, 50, 64))
+  variables = model.init(jax.random.PRNGKey(1), z)
+  table = qz.search_table(variables['params']['codebooks'])
+  assert table['codebooks_t'].shape == (3, 64, 512) and table['norms'].shape == (3, 512)
+  plain_q, plain = model.apply(variables, z)
+  target = native.load().target_prefix + 'nearest_code_screened'
+  with_table = {**variables, qz.SEARCH: {'table': table}}
+  fn = jax.jit(lambda v, z: model.apply(v, z))
+  assert target in fn.lower(with_table, z).as_text()
+  assert target not in fn.lower(variables, z).as_text()
+  screened_q, screened = fn(with_table, z)
+  np.testing.assert_array_equal(np.asarray(screened['codes']), np.asarray(plain['codes']))
+  np.testing.assert_array_equal(np.asarray(screened_q), np.asarray(plain_q))
+
+
+def test_search_mode_choice(monkeypatch):
+  with pytest.raises(ValueError, match='inference.vq_search must be one of'):
+    qz.use_screened_search('bf16')
+  assert qz.use_screened_search('screened') and not qz.use_screened_search('float32')
+  monkeypatch.setattr(qz, 'bf16_dot_pays', lambda: False)
+  assert not qz.use_screened_search('auto')
+  monkeypatch.setattr(qz, 'bf16_dot_pays', lambda: True)
+  assert qz.use_screened_search('auto')
+  monkeypatch.setattr(native, 'usable', lambda: False)     # accelerators: no kernel, no table
+  assert not qz.use_screened_search('screened') and not qz.use_screened_search('auto')
+
+
 _SHARDED = r'''
 import json, sys
 sys.path.insert(0, {repo!r})

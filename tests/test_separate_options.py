@@ -25,11 +25,11 @@ class Gains:
   gains: tuple = (0.1, 0.2, 0.3, 0.4)
   ramp: bool = False
 
-  def separate_chunks(self, batch, num_rows=None):
+  def separate_stems(self, batch):
     stems = batch[..., None] * np.asarray(self.gains, np.float32)
     if self.ramp:
       stems = stems * np.linspace(0.5, 1.5, batch.shape[1], dtype=np.float32)[None, :, None]
-    return stems, None
+    return stems
 
 
 def _sep(**kwargs):
@@ -160,7 +160,7 @@ def test_shifts_average_passes_over_shifted_chunk_grids(tmp_path):
   delays = separate.shift_delays(3, 22050)
   assert delays[0] == 0 and len(set(delays)) == 3 and max(delays) <= 11025
   assert delays == separate.shift_delays(3, 22050)                         # seeded
-  fn = lambda b: sep.separate_chunks(b)[0]
+  fn = sep.separate_stems
   inf = sep.config.inference
   expected = np.mean([[chunking.overlap_add(fn, np.concatenate([np.zeros(d, np.float32), x[:, c]]),
                                             sep.chunk, inf.overlap, inf.batch_size)[d:d + len(x)]

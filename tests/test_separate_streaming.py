@@ -27,11 +27,11 @@ class FakeSeparator:
   bias: float = 0.0
   nan: bool = False
 
-  def separate_chunks(self, batch, num_rows=None):
+  def separate_stems(self, batch):
     stems = batch[..., None] * SHARES + self.bias
     if self.nan:
       stems[0, 5, 1] = np.nan
-    return stems, None
+    return stems
 
 
 def _fake(**kwargs):
@@ -85,7 +85,7 @@ def test_separate_file_streams_the_whole_file_path(tmp_path, rate, channels):
                                   show_progress=False, block_frames=5000)
   x, _ = sf.read(path, dtype='float32', always_2d=True)
   inf = sep.config.inference
-  fn = lambda b: sep.separate_chunks(b)[0]
+  fn = sep.separate_stems
   for c in range(channels):
     mono = audio.resample(x[:, c], rate, 22050)
     stems = chunking.overlap_add(fn, mono, sep.chunk, inf.overlap, inf.batch_size)
