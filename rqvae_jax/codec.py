@@ -31,7 +31,7 @@ from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import cli
 from rqvae_jax import codes_file
 from rqvae_jax.model import (RQVAE, is_valid_length, latent_length, output_head,
-                             with_search_table)
+                             with_inference_tables)
 
 
 def check_codec_config(config: ml_collections.ConfigDict) -> None:
@@ -65,7 +65,7 @@ class Codec:
   def __init__(self, config: ml_collections.ConfigDict, variables: Dict, step: int = 0):
     check_codec_config(config)
     self.config, self.step = config, step
-    self.variables = with_search_table(variables, config.inference.vq_search)
+    self.variables = with_inference_tables(variables, config.inference)
     self.chunk = int(config.inference.chunk_samples)
     if not is_valid_length(self.chunk, config.model):
       raise ValueError(f'inference.chunk_samples={self.chunk} is not a valid model length.')

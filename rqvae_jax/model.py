@@ -12,6 +12,7 @@ Public API (README: Library):
 scale. Internally each stem is normalised as (stem - norm_offset) / norm_scale (the original's
 z-score of int16-scale audio), so the mixture enters as (mix - S * offset) / scale.
 """
+import re
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -21,24 +22,50 @@ import numpy as np
 
 from rqvae_jax import blocks
 from rqvae_jax import bottleneck
+from rqvae_jax import lstm as lstm_lib
 from rqvae_jax import mask_head
+from rqvae_jax import native
+from rqvae_jax import quantizer as quantizer_lib
 from rqvae_jax.lstm import BiLSTM
 from rqvae_jax.mask_head import MaskDecoder
-from rqvae_jax.spectrum_head import SpectrumDecoder
-from rqvae_jax import quantizer as quantizer_lib
 from rqvae_jax.quantizer import ResidualVQ
+from rqvae_jax.spectrum_head import SpectrumDecoder
 
 
-def with_search_table(variables: Dict[str, Any], mode: str) -> Dict[str, Any]:
-  """`variables` with the residual VQ's screened-search table (`quantizer.search_table`) in
-  the `vq_search` collection where `mode` (config `inference.vq_search`) picks that search
-  and the model has a quantizer; otherwise `variables` as they are. For inference only:
-  the table is a copy of the codebooks that training would leave stale."""
+def with_inference_tables(variables: Dict[str, Any], inference) -> Dict[str, Any]:
+  """`variables` plus read-only copies of weights in the layouts the CPU kernels want, built
+  once instead of in every forward pass (for inference only: training would leave them
+  stale): the residual VQ's screened-search table (`quantizer.search_table`, collection
+  `vq_search`) where `inference.vq_search` picks that search, and each BiLSTM's layers
+  (`lstm.prepared_layers`, collection `lstm_prepared`) where the kernels run. The outputs
+  are those of `variables` alone (tests/test_native.py)."""
+  out = dict(variables)
   params = variables.get('params', {})
-  if 'quantizer' not in params or not quantizer_lib.use_screened_search(mode):
-    return variables
-  table = quantizer_lib.search_table(params['quantizer']['codebooks'])
-  return {**variables, quantizer_lib.SEARCH: {'quantizer': {'table': table}}}
+  if 'quantizer' in params and quantizer_lib.use_screened_search(inference.vq_search):
+    table = quantizer_lib.search_table(params['quantizer']['codebooks'])
+    out[quantizer_lib.SEARCH] = {'quantizer': {'table': table}}
+  if native.usable():
+    prepared = _prepared_lstms(params)
+    if prepared:
+      out[lstm_lib.PREPARED] = prepared
+  return out
+
+
+def _prepared_lstms(tree: Dict[str, Any]) -> Dict[str, Any]:
+  """`lstm.prepared_layers` of every BiLSTM in a params tree (a dict with `weight_ih_l0`),
+  at the same path."""
+  out = {}
+  for name, sub in tree.items():
+    if not isinstance(sub, dict):
+      continue
+    if 'weight_ih_l0' in sub:
+      layers = sum(1 for key in sub if re.fullmatch(r'weight_ih_l\d+', key))
+      out[name] = lstm_lib.prepared_layers(sub, layers)
+    else:
+      found = _prepared_lstms(sub)
+      if found:
+        out[name] = found
+  return out
 
 
 def normalize(audio, model_config):

@@ -63,6 +63,20 @@ def recurrence(xs: jax.Array, w_hh: jax.Array) -> jax.Array:
   return _call('lstm_inference', xs, jnp.swapaxes(w_hh, 1, 2))
 
 
+def inference_transposed(xs: jax.Array, w_hh_t: jax.Array) -> jax.Array:
+  """`recurrence` for inference with the recurrent weights already transposed: (T, D, B, 4H),
+  (D, H, 4H) -> (T, D, B, H) (`lstm.prepared_layers` builds w_hh_t once). Not
+  differentiable: the weights are a derived copy."""
+  t, d, b, g4 = xs.shape
+  if w_hh_t.shape != (d, g4 // 4, g4):
+    raise ValueError(f'w_hh_t must be (D, H, 4H) = {(d, g4 // 4, g4)} for xs {xs.shape}, '
+                     f'got {w_hh_t.shape}.')
+  if xs.dtype != jnp.float32 or w_hh_t.dtype != jnp.float32:
+    raise ValueError(f'The CPU LSTM kernel computes in float32, got xs {xs.dtype} and '
+                     f'w_hh_t {w_hh_t.dtype}.')
+  return _call('lstm_inference', xs, jax.lax.stop_gradient(w_hh_t))
+
+
 def _recurrence_fwd(xs, w_hh):
   _check(xs, w_hh)
   hs, cs, acts = _call('lstm_forward', xs, jnp.swapaxes(w_hh, 1, 2))

@@ -33,7 +33,7 @@ from rqvae_jax import metrics as metrics_lib
 from rqvae_jax import stem_files
 from rqvae_jax.chunking import (chunk_starts, crossfade_window, hop_of,  # pylint: disable=unused-import
                                 overlap_add, overlap_add_stream, shifted_mean)
-from rqvae_jax.model import RQVAE, is_valid_length, next_valid_length, with_search_table
+from rqvae_jax.model import RQVAE, is_valid_length, next_valid_length, with_inference_tables
 
 # A file whose peak is at most one 16-bit step (dither, or digital silence) is silent: its
 # stems are written as silence instead of what the model makes of near-zero input (about
@@ -68,7 +68,7 @@ class Separator:
       raise ValueError(f'inference.chunk_samples={chunk} is not a length the model maps back to '
                        f'itself; use {next_valid_length(chunk, config.model)}.')
     model = RQVAE(config.model)
-    variables = with_search_table(variables, config.inference.vq_search)
+    variables = with_inference_tables(variables, config.inference)
 
     codebook_size = int(config.model.quantizer.codebook_size)
 

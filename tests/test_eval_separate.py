@@ -251,24 +251,30 @@ def test_separate_chunks_counts_only_the_real_rows(smoke_run):
   assert np.all(all_rows.sum(axis=1) == 5 * frames)
 
 
-def test_screened_code_search_separates_as_the_float32_one(smoke_run):
-  # The bfloat16-screened search (a table in the vq_search collection) is exact: the same
-  # codes, so the same stems and code counts as the float32 search.
+def test_inference_tables_separate_as_the_plain_variables(smoke_run):
+  # The Separator adds the screened VQ search's table and the BiLSTMs' prepared weights
+  # (model.with_inference_tables); the codes are exact, so the stems and code counts are
+  # those of the model applied to the plain variables.
+  import jax
+  from rqvae_jax import metrics
+  from rqvae_jax.model import RQVAE
   _, workdir = smoke_run
-  rng = np.random.default_rng(3)
-  chunks = None
-  out = {}
-  for mode in ('float32', 'screened'):
-    sep = separate.Separator.from_workdir(workdir, 'latest')
-    sep = separate.Separator.from_variables(
-        _with(sep.config, 'inference.vq_search', mode),
-        {k: v for k, v in sep.variables.items() if k != 'vq_search'})
-    assert ('vq_search' in sep.variables) == (mode == 'screened')
-    if chunks is None:
-      chunks = (0.1 * rng.normal(size=(3, sep.chunk))).astype(np.float32)
-    out[mode] = sep.separate_chunks(chunks)
-  np.testing.assert_array_equal(out['screened'][1], out['float32'][1])
-  np.testing.assert_array_equal(out['screened'][0], out['float32'][0])
+  restored = separate.Separator.from_workdir(workdir, 'latest')
+  plain = {k: v for k, v in restored.variables.items()
+           if k not in ('vq_search', 'lstm_prepared')}
+  sep = separate.Separator.from_variables(
+      _with(restored.config, 'inference.vq_search', 'screened'), plain)
+  assert {'vq_search', 'lstm_prepared'} <= set(sep.variables)
+  chunks = (0.1 * np.random.default_rng(3).normal(size=(3, sep.chunk))).astype(np.float32)
+  stems, counts = sep.separate_chunks(chunks)
+  want_stems, aux = jax.jit(lambda v, x: RQVAE(sep.config.model).apply(v, x, train=False))(
+      plain, chunks)
+  np.testing.assert_array_equal(stems, np.asarray(want_stems))
+  want_counts = metrics.code_histogram(aux['codes'], sep.config.model.quantizer.codebook_size)
+  np.testing.assert_array_equal(counts, np.asarray(want_counts))
+  float32 = separate.Separator.from_variables(
+      _with(restored.config, 'inference.vq_search', 'float32'), plain)
+  assert 'vq_search' not in float32.variables and 'lstm_prepared' in float32.variables
 
 
 def _with(config, key, value):
@@ -283,6 +289,8 @@ def test_eval_codebook_statistics_leave_filler_rows_out(smoke_run, tmp_path, mod
   """Perplexity and used codes are those of the split's chunks: computed here by hand from
   the codes of the real rows, in batches of the same shape as the evaluation's."""
   import shutil
+  import jax
+  from rqvae_jax.model import RQVAE
   from data import pipeline, slakh, windows as windows_lib
   from rqvae_jax import metrics
   cfg, workdir = smoke_run
@@ -307,6 +315,7 @@ def test_eval_codebook_statistics_leave_filler_rows_out(smoke_run, tmp_path, mod
     padded[:len(mixture)] = mixture[:len(padded)]
     rows.append(np.stack([padded[s:s + chunk] for s in starts]))
   counts = np.zeros((cfg.model.quantizer.num_quantizers, cfg.model.quantizer.codebook_size))
+  codes_of = jax.jit(lambda v, x: RQVAE(cfg.model).apply(v, x, train=False)[1]['codes'])
   filler_rows = 0
   for track_rows in rows:
     for b in range(0, len(track_rows), bs):
@@ -314,7 +323,7 @@ def test_eval_codebook_statistics_leave_filler_rows_out(smoke_run, tmp_path, mod
       batch = np.zeros((bs, chunk), np.float32)
       batch[:len(real)] = real
       filler_rows += bs - len(real)
-      codes = np.asarray(sep._fn(sep.variables, batch)[1])[:len(real)]
+      codes = np.asarray(codes_of(sep.variables, batch))[:len(real)]
       for q in range(codes.shape[-1]):
         counts[q] += np.bincount(codes[..., q].ravel(), minlength=counts.shape[1])
   assert filler_rows > 0

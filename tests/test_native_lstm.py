@@ -127,3 +127,27 @@ def test_sharded_batch_runs_per_device_without_gathering():
   assert max(info['diff']) < 1e-5, info
   assert info['gathers'] == 0 and info['calls'] == 2 and info['local_batch_2'], info
   assert 'data' in info['grad_spec']
+
+
+def test_prepared_layers_give_the_same_output():
+  # lstm.prepared_layers (what model.with_inference_tables adds for inference) only moves
+  # the weights into the kernel's layout: the output is that of the plain params.
+  from rqvae_jax import model as model_lib
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 23, 12))
+  layer = lstm_lib.BiLSTM(hidden_size=8, num_layers=2, impl='native')
+  params = layer.init(jax.random.PRNGKey(1), x)['params']
+  prepared = lstm_lib.prepared_layers(params, 2)
+  assert prepared['layer0']['w_ih'].shape == (64, 12)
+  assert prepared['layer1']['w_hh_t'].shape == (2, 8, 32)
+  np.testing.assert_allclose(prepared['layer1']['w_hh_t'][1],
+                             np.asarray(params['weight_hh_l1_reverse']).T)
+  want = layer.apply({'params': params}, x)
+  got = layer.apply({'params': params, lstm_lib.PREPARED: prepared}, x)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  # The model-level walk finds every BiLSTM at its own path.
+  tree = {'encoder': {'lstm': params, 'fc': {'kernel': x}}, 'decoder': {'lstm': params}}
+  found = model_lib._prepared_lstms(tree)   # pylint: disable=protected-access
+  assert set(found) == {'encoder', 'decoder'} and set(found['encoder']) == {'lstm'}
+  assert set(found['decoder']['lstm']) == {'layer0', 'layer1'}
+  with pytest.raises(ValueError, match=r'w_hh_t must be \(D, H, 4H\)'):
+    native_lstm.inference_transposed(jnp.zeros((5, 2, 1, 32)), jnp.zeros((2, 32, 8)))
