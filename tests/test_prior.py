@@ -1,6 +1,5 @@
 """The RQ-Transformer prior: exact causality over frames and depths, and that it can learn
 (overfits a tiny fixed code set to near-zero NLL)."""
-import functools
 
 import jax
 import jax.numpy as jnp

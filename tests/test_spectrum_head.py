@@ -2,7 +2,6 @@
 training and Griffin-Lim's otherwise, and the config rule that it runs without skips."""
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import librosa
 import numpy as np
 import pytest
