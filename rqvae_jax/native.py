@@ -5,7 +5,9 @@ Two kernels, where XLA's CPU code was measurably slow (README: Performance):
     direction's 441 steps on its own thread instead of several small thunks a step;
   * the nearest-code search's argmin (native/nearest_cpu.cc; quantizer.nearest_code): one
     pass over the plain matmul's output instead of a fused distance epilogue and three
-    reductions.
+    reductions; and, for inference with a search table, the screened search
+    (`nearest_code_screened`): a bfloat16 dot's result checked against a proven error
+    bound, the codes it cannot rule out scored exactly.
 Both have portable XLA paths they are tested against, used on accelerators and wherever
 the kernels cannot be built.
 
