@@ -96,6 +96,18 @@ ffi::Error NearestImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> cross,
   return ffi::Error::Success();
 }
 
+// Whether any lane of a comparison's result is set.
+inline bool any_lane(const Int16& m) {
+#ifdef __AVX512F__
+  __m512i v;
+  std::memcpy(&v, &m, sizeof(v));
+  return _mm512_test_epi32_mask(v, v) != 0;
+#else
+  int32_t acc = 0;
+  for (int i = 0; i < 16; ++i) acc |= m[i];
+  return acc != 0;
+#endif
+}
 
 // The screened search (quantizer.nearest_code with a bfloat16 search table): `cross` is
 // bf16(x) . bf16(c) accumulated in float32, which an AVX-512-BF16 CPU computes about twice as
@@ -112,22 +124,18 @@ ffi::Error NearestImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> cross,
 // codebook) and the smallest distance wins, the first index on ties. The result is the
 // nearest code of the real-valued distances; the float32 search can differ from it only
 // where two codes are within float32 rounding of each other.
-// Whether any lane of a comparison's result is set.
-inline bool any_lane(const Int16& m) {
-#ifdef __AVX512F__
-  __m512i v;
-  std::memcpy(&v, &m, sizeof(v));
-  return _mm512_test_epi32_mask(v, v) != 0;
-#else
-  int32_t acc = 0;
-  for (int i = 0; i < 16; ++i) acc |= m[i];
-  return acc != 0;
-#endif
-}
-
 constexpr float kScreenEps = 1.0f / 128 + 1.0f / 4096;
 constexpr float kNormEps = 1.0f / 4096;
 constexpr float kTiny = 1e-30f;   // flushed subnormals in the bf16 products, in absolute terms
+
+// A code's approximate distance (norm - 2 cross) and the half-width of the interval its true
+// distance lies in (code_norm = ||c||, scale = 2 eps ||x|| * a safety factor), for one code
+// (T = float) or 16 (T = Vec16): both passes use this one expression.
+template <typename T>
+inline void screen_interval(T cross, T norm, T code_norm, float scale, T* approx, T* margin) {
+  *approx = norm - 2.0f * cross;
+  *margin = scale * code_norm + kNormEps * norm + kTiny;
+}
 
 void screened_rows(const float* cross, const float* norms, const float* code_norm,
                    const float* x, const float* codebook, int64_t k, int64_t d,
@@ -148,15 +156,17 @@ void screened_rows(const float* cross, const float* norms, const float* code_nor
       std::memcpy(&c, row + j, sizeof(c));
       std::memcpy(&n, norms + j, sizeof(n));
       std::memcpy(&cn, code_norm + j, sizeof(cn));
-      const Vec16 u = (n - 2.0f * c) + (scale * cn + kNormEps * n + kTiny);
+      Vec16 approx, margin;
+      screen_interval(c, n, cn, scale, &approx, &margin);
+      const Vec16 u = approx + margin;
       upper = u < upper ? u : upper;
     }
     float bound = inf;
     for (int i = 0; i < 16; ++i) bound = upper[i] < bound ? upper[i] : bound;
     for (; j < k; ++j) {
-      const float u = (norms[j] - 2.0f * row[j]) + (scale * code_norm[j] + kNormEps * norms[j] +
-                                                    kTiny);
-      bound = u < bound ? u : bound;
+      float approx, margin;
+      screen_interval(row[j], norms[j], code_norm[j], scale, &approx, &margin);
+      bound = approx + margin < bound ? approx + margin : bound;
     }
     // Pass 2: exact distances of the candidates (||c||^2 - 2 x.c; ||x||^2 is common), found
     // 16 codes at a time (a candidate is rare: a mask test per 16 codes, the scoring only
@@ -186,25 +196,24 @@ void screened_rows(const float* cross, const float* norms, const float* code_nor
         index = static_cast<int32_t>(jj);
       }
     };
-    auto lower_of = [&](int64_t jj) {
-      return (norms[jj] - 2.0f * row[jj]) - (scale * code_norm[jj] + kNormEps * norms[jj] +
-                                             kTiny);
-    };
     j = 0;
     for (; j + 16 <= k; j += 16) {
       Vec16 c, n, cn;
       std::memcpy(&c, row + j, sizeof(c));
       std::memcpy(&n, norms + j, sizeof(n));
       std::memcpy(&cn, code_norm + j, sizeof(cn));
-      const Vec16 lower = (n - 2.0f * c) - (scale * cn + kNormEps * n + kTiny);
-      const Int16 hit = lower <= bound;           // NaN rows have no candidates: index 0
+      Vec16 approx, margin;
+      screen_interval(c, n, cn, scale, &approx, &margin);
+      const Int16 hit = approx - margin <= bound;           // NaN rows have no candidates: index 0
       if (!any_lane(hit)) continue;
       for (int l = 0; l < 16; ++l) {
         if (hit[l]) score(j + l);
       }
     }
     for (; j < k; ++j) {
-      if (lower_of(j) <= bound) score(j);
+      float approx, margin;
+      screen_interval(row[j], norms[j], code_norm[j], scale, &approx, &margin);
+      if (approx - margin <= bound) score(j);
     }
     out[r] = index;
   }
