@@ -187,8 +187,8 @@ def _bilstm_layer_scan(x, w_ih, w_hh, b, unroll, native=False, w_hh_t=None):
     b: (8H,) = [b_ih_fwd + b_hh_fwd; b_ih_bwd + b_hh_bwd].
     unroll: `jax.lax.scan` unroll.
     native: run the recurrence with the CPU kernel (`native_lstm.recurrence`).
-    w_hh_t: (2, H, 4H), w_hh already transposed (`prepared_layers`; inference on the kernel
-      only, not differentiable), instead of w_hh.
+    w_hh_t: (2, H, 4H), w_hh already transposed (`prepared_layers`), instead of w_hh: the
+      kernel's inference pass, whatever `native` says (not differentiable).
 
   Returns:
     (T, B, 2H) time-major [forward, backward] hidden states.
@@ -201,10 +201,9 @@ def _bilstm_layer_scan(x, w_ih, w_hh, b, unroll, native=False, w_hh_t=None):
   # The backward direction walks the reversed sequence, so it can share the
   # forward direction's loop index.
   xs = jnp.stack([proj[:, :, 0], proj[::-1, :, 1]], axis=1)  # (T, 2, B, 4H)
-  if native and w_hh_t is not None:
+  if w_hh_t is not None:
     hs = native_lstm.inference_transposed(xs, w_hh_t)
   else:
-    w_hh = jnp.swapaxes(w_hh_t, 1, 2) if w_hh is None else w_hh
     hs = native_lstm.recurrence(xs, w_hh) if native else _recurrence(xs, w_hh, unroll)
   return jnp.concatenate([hs[:, 0], hs[::-1, 1]], axis=-1)
 

@@ -91,9 +91,7 @@ class Separator:
     """(B, chunk) -> stems (B, chunk, S) and code counts (Q, K) of the first `num_rows` chunks
     (default all: rows past num_rows only fill a batch and are left out of the counts);
     a Gaussian-bottleneck model has no codes: its counts are an empty (0, 0) array."""
-    num_rows = len(mixtures) if num_rows is None else int(num_rows)
-    stems, counts = self._fn(self.variables, jnp.asarray(mixtures, jnp.float32),
-                             np.int32(num_rows))
+    stems, counts = self._run(mixtures, len(mixtures) if num_rows is None else num_rows)
     if counts is None:
       return np.asarray(stems), np.zeros((0, 0), np.float32)
     return np.asarray(stems), np.asarray(counts, np.float32)
@@ -101,9 +99,10 @@ class Separator:
   def separate_stems(self, mixtures: np.ndarray) -> np.ndarray:
     """(B, chunk) -> stems (B, chunk, S): `separate_chunks` without fetching the code counts
     (the separation path has no use for them)."""
-    stems, _ = self._fn(self.variables, jnp.asarray(mixtures, jnp.float32),
-                        np.int32(len(mixtures)))
-    return np.asarray(stems)
+    return np.asarray(self._run(mixtures, len(mixtures))[0])
+
+  def _run(self, mixtures: np.ndarray, num_rows: int):
+    return self._fn(self.variables, jnp.asarray(mixtures, jnp.float32), np.int32(num_rows))
 
   def __call__(self, mixture: np.ndarray, progress=None) -> np.ndarray:
     """Mono mixture (N,) at the model's rate -> stems (N, S)."""
