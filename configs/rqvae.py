@@ -102,6 +102,11 @@ def get_config(arg: str = 'paper') -> ml_collections.ConfigDict:
   q.kmeans_iters = 20
   q.kmeans_seeding = 'kmeans++'            # or 'random'
   q.distance_dtype = 'float32'             # 'bfloat16' inputs with float32 accumulation
+  # The training step's nearest-code search: 'auto' screens the codes with a bfloat16 dot
+  # where the CPU kernels run and this CPU's bfloat16 dot is faster, then scores the
+  # candidates exactly (the codes are the exact nearest either way; README: Performance);
+  # 'screened' wherever the kernels run; 'float32' the plain float32 search.
+  q.train_search = 'auto'
   q.codebook_ema_decay = 0.99              # EMA of codebook weights used for validation
 
   # ----- loss -----

@@ -249,7 +249,8 @@ class RQVAE(nn.Module):
     if bottleneck.has_codes(c):
       self.quantizer = ResidualVQ(c.quantizer.num_quantizers, c.quantizer.codebook_size,
                                   c.channels[-1], c.quantizer.usage_decay,
-                                  c.quantizer.distance_dtype)
+                                  c.quantizer.distance_dtype,
+                                  c.quantizer.get('train_search', 'float32'))
     else:
       self.gaussian = bottleneck.GaussianBottleneck(c.channels[-1], c.get('torch_init', False),
                                                     jnp.dtype(c.dtype))

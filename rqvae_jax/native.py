@@ -43,7 +43,8 @@ HEADERS = (NATIVE_DIR / 'parallel.h',)
 # FFI target (without the library's prefix) -> the symbol the library exports for it.
 _TARGETS = {'lstm_forward': 'RqvaeLstmForward', 'lstm_inference': 'RqvaeLstmInference',
             'lstm_backward': 'RqvaeLstmBackward', 'nearest_code': 'RqvaeNearestCode',
-            'nearest_code_screened': 'RqvaeNearestCodeScreened'}
+            'nearest_code_screened': 'RqvaeNearestCodeScreened',
+            'search_table': 'RqvaeSearchTable'}
 OFF = 'RQVAE_JAX_NATIVE=0'                 # the reason load() gives when turned off
 # -fno-trapping-math lets GCC vectorise floor (the exp's range reduction); the kernels
 # never read the FP exception flags.
@@ -265,6 +266,23 @@ def nearest_code_screened(cross: jax.Array, norms: jax.Array, x: jax.Array,
                      f'{cross.shape}, {norms.shape}, {x.shape} and {codebook.shape}.')
   args = (jax.lax.stop_gradient(a.astype(jnp.float32)) for a in (cross, norms, x, codebook))
   return _screened_call()(*args)
+
+
+def search_table(codebooks: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The screened search's table of float32 codebooks (Q, K, D), as
+  `quantizer.search_table` defines it: (bfloat16 bits (Q, D, K) uint16, norms (Q, K)
+  float32), in one pass (native/nearest_cpu.cc says why). Not differentiable."""
+  if codebooks.ndim != 3:
+    raise ValueError(f'codebooks must be (Q, K, D), got {codebooks.shape}.')
+  return _table_call()(jax.lax.stop_gradient(codebooks.astype(jnp.float32)))
+
+
+@functools.lru_cache(maxsize=None)
+def _table_call():
+  def shapes(args):
+    q, k, d = args[0].shape
+    return (jax.ShapeDtypeStruct((q, d, k), jnp.uint16), jax.ShapeDtypeStruct((q, k), jnp.float32))
+  return partitioned('search_table', 'q k d -> q d k, q k', 'q', shapes)
 
 
 @functools.lru_cache(maxsize=None)

@@ -100,9 +100,13 @@ def search_table(codebooks: jax.Array) -> Dict[str, jax.Array]:
   """The screened search's view of fixed codebooks (Q, K, D): `codebooks_t` (Q, D, K), the
   bfloat16 codes' bits as uint16 (stored as bfloat16, the scan's input was converted by XLA
   to float32 as a whole and back per stage, 18 ms a call), and `norms` (Q, K) float32.
-  Built once per set of codebooks (the layout change costs more than one forward pass
-  saves), so for inference, where they do not change."""
+  Inference builds it once per set of codebooks; a training step (`train_search`) builds it
+  every step, with the CPU kernel (`native.search_table`: one pass, where XLA's transposing
+  convert, layout copy and norm reduction cost as much as the bfloat16 dots save)."""
   codebooks = jnp.asarray(codebooks, jnp.float32)
+  if native.usable():
+    bits_t, norms = native.search_table(codebooks)
+    return {'codebooks_t': bits_t, 'norms': norms}
   bits = jax.lax.bitcast_convert_type(codebooks.astype(jnp.bfloat16), jnp.uint16)
   return {'codebooks_t': jnp.swapaxes(bits, 1, 2),
           'norms': jnp.sum(jnp.square(codebooks), axis=-1)}
@@ -111,13 +115,14 @@ def search_table(codebooks: jax.Array) -> Dict[str, jax.Array]:
 SEARCH_MODES = ('auto', 'screened', 'float32')
 
 
-def use_screened_search(mode: str) -> bool:
-  """Whether inference should build a `search_table` (config `inference.vq_search`):
-  'float32' never, 'screened' wherever the CPU kernels run, 'auto' where they run and this
-  CPU's bfloat16 dot is measurably faster than its float32 one (`bf16_dot_pays`). Either
-  way the codes are the nearest of the exact distances; only the speed differs."""
+def use_screened_search(mode: str, field: str = 'inference.vq_search') -> bool:
+  """Whether to search with a `search_table` (configs `inference.vq_search` and
+  `model.quantizer.train_search`): 'float32' never, 'screened' wherever the CPU kernels
+  run, 'auto' where they run and this CPU's bfloat16 dot is measurably faster than its
+  float32 one (`bf16_dot_pays`). Either way the codes are the nearest of the exact
+  distances; only the speed differs."""
   if mode not in SEARCH_MODES:
-    raise ValueError(f'inference.vq_search must be one of {SEARCH_MODES}, got {mode!r}.')
+    raise ValueError(f'{field} must be one of {SEARCH_MODES}, got {mode!r}.')
   if mode == 'float32' or not native.usable():
     return False
   return mode == 'screened' or bf16_dot_pays()
@@ -132,9 +137,8 @@ def bf16_dot_pays(rows: int = 882, dim: int = 256, codes: int = 4096, margin: fl
   (2026-12-07); a CPU without bfloat16 dot instructions emulates them, and the issue's
   AVX-512/AMX Xeon measured XLA's bfloat16 matmuls slower than float32."""
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(rows, dim)), jnp.float32)
-  c = jnp.asarray(rng.normal(size=(codes, dim)), jnp.float32)
-  c_t = jnp.asarray(np.asarray(c).T, jnp.bfloat16)
+  x = rng.normal(size=(rows, dim)).astype(np.float32)
+  c = rng.normal(size=(codes, dim)).astype(np.float32)
   f32 = jax.jit(lambda x, c: jnp.dot(x, c.T))
   bf16 = jax.jit(lambda x, c_t: jnp.dot(x.astype(jnp.bfloat16), c_t,
                                          preferred_element_type=jnp.float32))
@@ -148,7 +152,11 @@ def bf16_dot_pays(rows: int = 882, dim: int = 256, codes: int = 4096, margin: fl
       times.append(time.perf_counter() - start)
     return min(times)
 
-  return best_of(bf16, x, c_t) < margin * best_of(f32, x, c)
+  # Called while a training step is traced (the model decides there): run it for real.
+  with jax.ensure_compile_time_eval():
+    c_t = jnp.asarray(c.T, jnp.bfloat16)
+    return best_of(bf16, jnp.asarray(x), c_t) < margin * best_of(f32, jnp.asarray(x),
+                                                                 jnp.asarray(c))
 
 
 def xavier_normal(key, shape, dtype=jnp.float32):
@@ -170,6 +178,7 @@ class ResidualVQ(nn.Module):
   dim: int
   usage_decay: float = 0.97
   distance_dtype: Any = 'float32'
+  train_search: str = 'float32'     # config model.quantizer.train_search (use_screened_search)
 
   def setup(self):
     self.codebooks = self.param('codebooks', xavier_normal,
@@ -187,6 +196,12 @@ class ResidualVQ(nn.Module):
 
     table = (self.get_variable(SEARCH, 'table') if self.has_variable(SEARCH, 'table')
              else None)
+    if (table is None and train and dist_dtype == jnp.float32
+        and use_screened_search(self.train_search, 'model.quantizer.train_search')):
+      # The codebooks change every step, so the table is built in the step: the kernel does
+      # it in one pass (~4.5 ms alone, and XLA runs it beside the encoder), where the
+      # bfloat16 dots save ~28 of the float32 ones' ~53 ms (README: Performance).
+      table = search_table(jax.lax.stop_gradient(self.codebooks))
 
     def stage(carry, xs):
       codebook, stage_table = xs

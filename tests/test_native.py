@@ -163,6 +163,63 @@ def test_vq_with_a_search_table_gives_the_float32_codes():
   np.testing.assert_array_equal(np.asarray(screened_q), np.asarray(plain_q))
 
 
+@pytest.mark.parametrize('q,k,d', [(2, 4096, 256), (3, 100, 37), (1, 5, 3)])
+def test_search_table_kernel_is_xlas_conversion_and_float64_norms(q, k, d):
+  """native.search_table: the bfloat16 bits of XLA's conversion (round to nearest even,
+  halfway cases, infinities, NaN, subnormals), transposed, whole and partial blocks of 32
+  codes; the norms within float32 rounding of float64 sums."""
+  rng = np.random.default_rng(q * k + d)
+  codebooks = (0.3 * rng.normal(size=(q, k, d))).astype(np.float32)
+  flat = codebooks.reshape(-1)
+  specials = np.array([np.inf, -np.inf, np.nan, 1e-40, -1e-40, 0.0, -0.0], np.float32)
+  halfway = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x3F80FFFF, 0x7F7FFFFF],
+                     np.uint32).view(np.float32)       # ties to even (down, up), carries
+  extra = np.concatenate([specials, halfway])[:flat.size]
+  flat[rng.choice(flat.size, extra.size, replace=False)] = extra
+  bits, norms = jax.jit(native.search_table)(jnp.asarray(codebooks))
+  assert bits.dtype == jnp.uint16 and bits.shape == (q, d, k) and norms.shape == (q, k)
+  want = np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(codebooks).astype(jnp.bfloat16),
+                                                 jnp.uint16)).transpose(0, 2, 1)
+  got = np.asarray(bits)
+  nan = np.isnan(codebooks).transpose(0, 2, 1)
+  np.testing.assert_array_equal(got[~nan], want[~nan])
+  assert np.all((got[nan] & 0x7F80) == 0x7F80) and np.all(got[nan] & 0x7F)   # still NaN
+  with np.errstate(over='ignore'):       # 0x7F7FFFFF squared: inf in float32, as the kernel
+    exact = np.sum(np.asarray(codebooks, np.float64) ** 2, axis=-1).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(norms), exact, rtol=1e-6)   # NaN and inf where exact
+  with pytest.raises(ValueError, match=r'\(Q, K, D\)'):
+    native.search_table(jnp.zeros((4, 8)))
+
+
+def test_training_search_screened_matches_float32_and_builds_its_table_in_the_step():
+  """train_search='screened': the table is built inside the traced call (the codebooks
+  change every step) and the codes, output, losses and gradients are the float32 search's."""
+  z = jax.random.normal(jax.random.PRNGKey(0), (2, 50, 64))
+  models = {mode: qz.ResidualVQ(num_quantizers=3, codebook_size=512, dim=64,
+                                train_search=mode) for mode in ('screened', 'float32')}
+  variables = models['float32'].init(jax.random.PRNGKey(1), z)
+  table_target = native.load().target_prefix + 'search_table'
+  outs = {}
+  for mode, model in models.items():
+    def loss(params, z, model=model):
+      (quantized, aux), _ = model.apply({**variables, 'params': params}, z, train=True,
+                                        mutable=[qz.STATS])
+      total = aux['codebook_loss'] + aux['encoder_loss'] + jnp.sum(quantized ** 2)
+      return total, aux
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+    assert (table_target in fn.lower(variables['params'], z).as_text()) == (mode == 'screened')
+    outs[mode] = fn(variables['params'], z)
+  (loss_s, aux_s), grads_s = outs['screened']
+  (loss_f, aux_f), grads_f = outs['float32']
+  np.testing.assert_array_equal(np.asarray(aux_s['codes']), np.asarray(aux_f['codes']))
+  np.testing.assert_array_equal(np.asarray(loss_s), np.asarray(loss_f))
+  for a, b in zip(jax.tree_util.tree_leaves(grads_s), jax.tree_util.tree_leaves(grads_f)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match='model.quantizer.train_search must be one of'):
+    qz.ResidualVQ(num_quantizers=1, codebook_size=8, dim=4, train_search='bf16').init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 3, 4)), train=True)
+
+
 def test_search_mode_choice(monkeypatch):
   with pytest.raises(ValueError, match='inference.vq_search must be one of'):
     qz.use_screened_search('bf16')

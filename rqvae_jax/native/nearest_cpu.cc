@@ -249,6 +249,101 @@ ffi::Error ScreenedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> cross,
   return ffi::Error::Success();
 }
 
+// The screened search's table from float32 codebooks (Q, K, D): `bits` (Q, D, K) uint16, the
+// codes rounded to bfloat16 (to nearest, ties to even, as XLA converts) and transposed so
+// that XLA's bfloat16 dot reads them at its fast rate, and `norms` (Q, K) float32 ||c||^2
+// (summed in double, rounded once: well inside kNormEps). Why a kernel: in a training step
+// the codebooks change every step, so the table is rebuilt every step, and XLA built it in
+// ~20 ms (a transposing convert, a layout copy, a separate reduction for the norms) where
+// the bfloat16 dots save ~25. Here each block of 64 codes is read once into a (D, 64) tile
+// that both outputs are written from.
+constexpr int64_t kTableBlock = 32;   // codes per tile: a (D, 32) float tile fits in L1,
+                                      // and each output row piece is one 64-byte line
+typedef uint32_t UVec16 __attribute__((vector_size(64)));
+typedef uint16_t HVec16 __attribute__((vector_size(32)));
+
+inline uint16_t bf16_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  if ((b & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((b >> 16) | 0x40u);
+  return static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
+}
+
+inline HVec16 bf16_bits(const Vec16& f) {
+  UVec16 b;
+  std::memcpy(&b, &f, sizeof(b));
+  const UVec16 rounded = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+  const UVec16 nan = (b >> 16) | 0x40u;
+  const UVec16 out = (b & 0x7fffffffu) > 0x7f800000u ? nan : rounded;
+  return __builtin_convertvector(out, HVec16);
+}
+
+void table_blocks(const float* codebooks, int64_t k, int64_t d, int64_t first, int64_t last,
+                  uint16_t* bits, float* norms) {
+  const int64_t blocks_per_stage = (k + kTableBlock - 1) / kTableBlock;
+  std::vector<float> tile(d * kTableBlock);
+  for (int64_t block = first; block < last; ++block) {
+    const int64_t q = block / blocks_per_stage;
+    const int64_t k0 = (block % blocks_per_stage) * kTableBlock;
+    const int64_t width = std::min(kTableBlock, k - k0);
+    const float* src = codebooks + (q * k + k0) * d;
+    uint16_t* dst = bits + q * d * k + k0;
+    float* norm = norms + q * k + k0;
+    if (width < kTableBlock) {   // the last, partial block of a stage: one code at a time
+      for (int64_t j = 0; j < width; ++j) {
+        double sum = 0.0;
+        for (int64_t i = 0; i < d; ++i) {
+          dst[i * k + j] = bf16_bits(src[j * d + i]);
+          sum += static_cast<double>(src[j * d + i]) * src[j * d + i];
+        }
+        norm[j] = static_cast<float>(sum);
+      }
+      continue;
+    }
+    for (int64_t j = 0; j < kTableBlock; ++j)
+      for (int64_t i = 0; i < d; ++i) tile[i * kTableBlock + j] = src[j * d + i];
+    VecD8 sums[kTableBlock / 8] = {};
+    for (int64_t i = 0; i < d; ++i) {
+      const float* t = tile.data() + i * kTableBlock;
+      for (int64_t j = 0; j < kTableBlock; j += 16) {
+        Vec16 v;
+        std::memcpy(&v, t + j, sizeof(v));
+        const HVec16 h = bf16_bits(v);
+        std::memcpy(dst + i * k + j, &h, sizeof(h));
+        for (int half = 0; half < 2; ++half) {
+          VecD8 w;
+          for (int l = 0; l < 8; ++l) w[l] = v[half * 8 + l];
+          sums[(j + half * 8) / 8] += w * w;
+        }
+      }
+    }
+    for (int64_t j = 0; j < kTableBlock; ++j) norm[j] = static_cast<float>(sums[j / 8][j % 8]);
+  }
+}
+
+ffi::Error TableImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> codebooks,
+                     ffi::ResultBuffer<ffi::U16> bits, ffi::ResultBuffer<ffi::F32> norms) {
+  auto cd = codebooks.dimensions();
+  auto bd = bits->dimensions();
+  auto nd = norms->dimensions();
+  if (cd.size() != 3 || bd.size() != 3 || nd.size() != 2 || bd[0] != cd[0] ||
+      bd[1] != cd[2] || bd[2] != cd[1] || nd[0] != cd[0] || nd[1] != cd[1]) {
+    return ffi::Error::InvalidArgument(
+        "rqvae search-table kernel: the codebooks must be (Q, K, D), the results (Q, D, K) "
+        "and (Q, K)");
+  }
+  const int64_t q = cd[0], k = cd[1], d = cd[2];
+  const int64_t blocks = q * ((k + kTableBlock - 1) / kTableBlock);
+  const int64_t parts = blocks >= 8 ? 2 : 1;
+  const float* src = codebooks.typed_data();
+  uint16_t* b = bits->typed_data();
+  float* n = norms->typed_data();
+  rqvae_native::run_in_parallel(pool, parts, [&](int64_t part) {
+    table_blocks(src, k, d, blocks * part / parts, blocks * (part + 1) / parts, b, n);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(RqvaeNearestCode, NearestImpl,
@@ -266,3 +361,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(RqvaeNearestCodeScreened, ScreenedImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(RqvaeSearchTable, TableImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
