@@ -1,14 +1,16 @@
 """The compiled CPU kernels (rqvae_jax/native/*.cc) behind jax.ffi: build, load, call.
 
-Two kernels, where XLA's CPU code was measurably slow (README: Performance):
+Kernels where XLA's CPU code was measurably slow (README: Performance):
   * the BiLSTM recurrence (native/lstm_cpu.cc; rqvae_jax/native_lstm.py): each
     direction's 441 steps on its own thread instead of several small thunks a step;
   * the nearest-code search's argmin (native/nearest_cpu.cc; quantizer.nearest_code): one
     pass over the plain matmul's output instead of a fused distance epilogue and three
-    reductions; and, for inference with a search table, the screened search
-    (`nearest_code_screened`): a bfloat16 dot's result checked against a proven error
-    bound, the codes it cannot rule out scored exactly.
-Both have portable XLA paths they are tested against, used on accelerators and wherever
+    reductions; and, with a search table, the screened search (`nearest_code_screened`):
+    a bfloat16 dot's result checked against a proven error bound, the codes it cannot rule
+    out scored exactly;
+  * that table (native/nearest_cpu.cc, `search_table`): the codebooks' bfloat16 bits
+    transposed and their norms in one pass, cheap enough to rebuild in every training step.
+All have portable XLA paths they are tested against, used on accelerators and wherever
 the kernels cannot be built.
 
 The C++ sources ship with the package and are compiled on first use into one library with
