@@ -255,7 +255,7 @@ ffi::Error ScreenedImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> cross,
 // (summed in double, rounded once: well inside kNormEps). Why a kernel: in a training step
 // the codebooks change every step, so the table is rebuilt every step, and XLA built it in
 // ~20 ms (a transposing convert, a layout copy, a separate reduction for the norms) where
-// the bfloat16 dots save ~25. Here each block of 32 codes is read once into a (D, 32) tile
+// the bfloat16 dots save ~28. Here each block of 32 codes is read once into a (D, 32) tile
 // that both outputs are written from.
 constexpr int64_t kTableBlock = 32;   // codes per tile: a (D, 32) float tile fits in L1,
                                       // and each output row piece is one 64-byte line
