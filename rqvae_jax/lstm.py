@@ -159,8 +159,8 @@ PREPARED = 'lstm_prepared'
 
 
 def prepared_layers(params: Dict[str, jax.Array], num_layers: int) -> Dict[str, Dict]:
-  """A BiLSTM's params -> per layer `w_ih` (8H, In) = [W_ih_fwd; W_ih_bwd], `w_hh_t`
-  (2, H, 4H) (each direction's W_hh transposed, as the kernel reads it) and `b` (8H,) (both
+  """A BiLSTM's params -> per layer `w_ih` (8H, In) = [W_ih_fwd; W_ih_bwd], `w_hh_panels`
+  (both directions' W_hh as the kernel reads them, `native_lstm.recurrent_panels`) and `b` (8H,) (both
   biases summed): what every forward pass otherwise rebuilds from the PyTorch-layout weights
   (concatenations and transposes, ~10 ms of a ~120 ms batch-2 separation call on the 2-core
   EPYC, 2026-12-07). For inference, where the weights do not change."""
@@ -169,15 +169,15 @@ def prepared_layers(params: Dict[str, jax.Array], num_layers: int) -> Dict[str, 
     p = lambda name: jnp.asarray(params[name], jnp.float32)
     out[f'layer{k}'] = {
         'w_ih': jnp.concatenate([p(f'weight_ih_l{k}'), p(f'weight_ih_l{k}_reverse')], axis=0),
-        'w_hh_t': jnp.swapaxes(jnp.stack([p(f'weight_hh_l{k}'),
-                                          p(f'weight_hh_l{k}_reverse')]), 1, 2),
+        'w_hh_panels': native_lstm.recurrent_panels(jnp.stack([p(f'weight_hh_l{k}'),
+                                                               p(f'weight_hh_l{k}_reverse')])),
         'b': jnp.concatenate([p(f'bias_ih_l{k}') + p(f'bias_hh_l{k}'),
                               p(f'bias_ih_l{k}_reverse') + p(f'bias_hh_l{k}_reverse')]),
     }
   return out
 
 
-def _bilstm_layer_scan(x, w_ih, w_hh, b, unroll, native=False, w_hh_t=None):
+def _bilstm_layer_scan(x, w_ih, w_hh, b, unroll, native=False, w_hh_panels=None):
   """One bidirectional layer, both directions in a single scan (or the CPU kernel).
 
   Args:
@@ -187,8 +187,8 @@ def _bilstm_layer_scan(x, w_ih, w_hh, b, unroll, native=False, w_hh_t=None):
     b: (8H,) = [b_ih_fwd + b_hh_fwd; b_ih_bwd + b_hh_bwd].
     unroll: `jax.lax.scan` unroll.
     native: run the recurrence with the CPU kernel (`native_lstm.recurrence`).
-    w_hh_t: (2, H, 4H), w_hh already transposed (`prepared_layers`), instead of w_hh: the
-      kernel's inference pass, whatever `native` says (not differentiable).
+    w_hh_panels: w_hh already in the kernel's layout (`prepared_layers`), instead of w_hh:
+      the kernel's inference pass, whatever `native` says (not differentiable).
 
   Returns:
     (T, B, 2H) time-major [forward, backward] hidden states.
@@ -201,8 +201,8 @@ def _bilstm_layer_scan(x, w_ih, w_hh, b, unroll, native=False, w_hh_t=None):
   # The backward direction walks the reversed sequence, so it can share the
   # forward direction's loop index.
   xs = jnp.stack([proj[:, :, 0], proj[::-1, :, 1]], axis=1)  # (T, 2, B, 4H)
-  if w_hh_t is not None:
-    hs = native_lstm.inference_transposed(xs, w_hh_t)
+  if w_hh_panels is not None:
+    hs = native_lstm.inference_prepared(xs, w_hh_panels)
   else:
     hs = native_lstm.recurrence(xs, w_hh) if native else _recurrence(xs, w_hh, unroll)
   return jnp.concatenate([hs[:, 0], hs[::-1, 1]], axis=-1)
@@ -337,7 +337,7 @@ class BiLSTM(nn.Module):
       if impl == 'native' and self.has_variable(PREPARED, f'layer{k}'):
         prep = self.get_variable(PREPARED, f'layer{k}')
         y = _bilstm_layer_scan(y, prep['w_ih'], None, prep['b'], SCAN_UNROLL, native=True,
-                               w_hh_t=prep['w_hh_t'])
+                               w_hh_panels=prep['w_hh_panels'])
       else:
         (wif, whf, bif, bhf), (wib, whb, bib, bhb) = layer[''], layer['_reverse']
         w_ih = jnp.concatenate([wif, wib], axis=0).astype(self.dtype)

@@ -14,12 +14,33 @@ import jax.numpy as jnp
 
 from rqvae_jax import native
 
-# Per kernel, its Shardy rule: t time, d direction, b batch, h hidden, g = 4h gates.
+# Per kernel, its Shardy rule: t time, d direction, b batch, h hidden, g = 4h gates; the
+# weights' panel axes p (panels) and c (PANEL columns).
 _RULES = {
-    'lstm_inference': 't d b g, d h g -> t d b h',
-    'lstm_forward': 't d b g, d h g -> t d b h, t d b h, t d b g',
-    'lstm_backward': 't d b h, t d b h, t d b g, d g h -> t d b g',
+    'lstm_inference': 't d b g, d p h c -> t d b h',
+    'lstm_forward': 't d b g, d p h c -> t d b h, t d b h, t d b g',
+    'lstm_backward': 't d b h, t d b h, t d b g, d p g c -> t d b g',
 }
+
+# Columns per weight panel: lstm_cpu.cc's kPanel.
+PANEL = 32
+
+
+def panels(m: jax.Array) -> jax.Array:
+  """(D, K, N) -> (D, ceil(N / PANEL), K, PANEL), zero-padded: each matrix in the panels the
+  kernel's products read (lstm_cpu.cc `accumulate_panels`), a panel's K rows of PANEL columns
+  contiguous, so a step streams its weights in order (twice as fast as the (K, N) rows at
+  batch 2, README: Performance). One fused copy in XLA, as the transpose it replaces."""
+  d, k, n = m.shape
+  count = -(-n // PANEL)
+  m = jnp.pad(m, ((0, 0), (0, 0), (0, count * PANEL - n)))
+  return jnp.transpose(m.reshape(d, k, count, PANEL), (0, 2, 1, 3))
+
+
+def recurrent_panels(w_hh: jax.Array) -> jax.Array:
+  """(D, 4H, H) PyTorch-layout recurrent weights -> the panels of their transposes (h @ W^T),
+  as the forward and inference kernels read them."""
+  return panels(jnp.swapaxes(w_hh, 1, 2))
 
 
 def _result_shapes(kind, args):
@@ -60,33 +81,34 @@ def recurrence(xs: jax.Array, w_hh: jax.Array) -> jax.Array:
   initial state, PyTorch gate order); float32 only; reverse-mode differentiable.
   """
   _check(xs, w_hh)
-  return _call('lstm_inference', xs, jnp.swapaxes(w_hh, 1, 2))
+  return _call('lstm_inference', xs, recurrent_panels(w_hh))
 
 
-def inference_transposed(xs: jax.Array, w_hh_t: jax.Array) -> jax.Array:
-  """`recurrence` for inference with the recurrent weights already transposed: (T, D, B, 4H),
-  (D, H, 4H) -> (T, D, B, H) (`lstm.prepared_layers` builds w_hh_t once). Not
-  differentiable: the weights are a derived copy."""
+def inference_prepared(xs: jax.Array, w_hh_panels: jax.Array) -> jax.Array:
+  """`recurrence` for inference with the recurrent weights already in the kernel's layout:
+  (T, D, B, 4H), `recurrent_panels(w_hh)` -> (T, D, B, H) (`lstm.prepared_layers` builds
+  them once). Not differentiable: the weights are a derived copy."""
   t, d, b, g4 = xs.shape
-  if w_hh_t.shape != (d, g4 // 4, g4):
-    raise ValueError(f'w_hh_t must be (D, H, 4H) = {(d, g4 // 4, g4)} for xs {xs.shape}, '
-                     f'got {w_hh_t.shape}.')
-  if xs.dtype != jnp.float32 or w_hh_t.dtype != jnp.float32:
+  want = (d, -(-g4 // PANEL), g4 // 4, PANEL)
+  if w_hh_panels.shape != want:
+    raise ValueError(f'w_hh_panels must be recurrent_panels(w_hh), (D, ceil(4H / {PANEL}), H, '
+                     f'{PANEL}) = {want} for xs {xs.shape}, got {w_hh_panels.shape}.')
+  if xs.dtype != jnp.float32 or w_hh_panels.dtype != jnp.float32:
     raise ValueError(f'The CPU LSTM kernel computes in float32, got xs {xs.dtype} and '
-                     f'w_hh_t {w_hh_t.dtype}.')
-  return _call('lstm_inference', xs, jax.lax.stop_gradient(w_hh_t))
+                     f'w_hh_panels {w_hh_panels.dtype}.')
+  return _call('lstm_inference', xs, jax.lax.stop_gradient(w_hh_panels))
 
 
 def _recurrence_fwd(xs, w_hh):
   _check(xs, w_hh)
-  hs, cs, acts = _call('lstm_forward', xs, jnp.swapaxes(w_hh, 1, 2))
+  hs, cs, acts = _call('lstm_forward', xs, recurrent_panels(w_hh))
   return hs, (hs, cs, acts, w_hh)
 
 
 def _recurrence_bwd(residuals, dhs):
   hs, cs, acts, w_hh = residuals
   from rqvae_jax import lstm  # pylint: disable=g-import-not-at-top  (lstm imports this module)
-  dgates = _call('lstm_backward', dhs.astype(jnp.float32), cs, acts, w_hh)
+  dgates = _call('lstm_backward', dhs.astype(jnp.float32), cs, acts, panels(w_hh))
   return dgates, lstm.recurrent_weight_grad(dgates, hs)   # the kernel only walks the steps
 
 

@@ -39,9 +39,11 @@ def _built():
   yield
 
 
-# H = 5 and 6: the kernel's rows go four at a time, so these exercise its remainder loop;
-# T = 1: no recurrent product at all; B = 1 and 4.
-@pytest.mark.parametrize('t,b,h', [(1, 1, 5), (9, 4, 6), (23, 2, 16)])
+# H = 5 and 6: the kernel's rows go four at a time, so these exercise its remainder loop
+# and a single partial panel; H = 40: five full 32-column gate panels, and one full and one
+# partial panel of the backward's (4H, H) weights; T = 1: no recurrent product at all;
+# B = 1, 4 and 7 (its batch tiles of four, two and one rows).
+@pytest.mark.parametrize('t,b,h', [(1, 1, 5), (9, 4, 6), (23, 2, 16), (7, 7, 40)])
 def test_forward_matches_scan(t, b, h):
   xs, w_hh = _inputs(t, b, h)
   want = np.asarray(jax.jit(_scan)(xs, w_hh))
@@ -53,7 +55,7 @@ def test_forward_matches_scan(t, b, h):
   np.testing.assert_array_equal(np.asarray(train_hs), got)
 
 
-@pytest.mark.parametrize('t,b,h', [(2, 2, 5), (13, 3, 6), (30, 2, 16)])
+@pytest.mark.parametrize('t,b,h', [(2, 2, 5), (13, 3, 6), (30, 2, 16), (6, 7, 40)])
 def test_gradients_match_scan(t, b, h):
   xs, w_hh = _inputs(t, b, h, seed=1)
   cot = jnp.asarray(np.random.default_rng(2).normal(size=(t, 2, b, h)), jnp.float32)
@@ -129,6 +131,21 @@ def test_sharded_batch_runs_per_device_without_gathering():
   assert 'data' in info['grad_spec']
 
 
+def test_panels_layout_and_the_kernels_check_of_it():
+  m = np.arange(2 * 3 * 70, dtype=np.float32).reshape(2, 3, 70)
+  p = np.asarray(native_lstm.panels(jnp.asarray(m)))
+  assert p.shape == (2, 3, 3, native_lstm.PANEL)             # ceil(70 / 32) = 3 panels
+  for j in range(70):
+    np.testing.assert_array_equal(p[:, j // 32, :, j % 32], m[:, :, j])
+  np.testing.assert_array_equal(p[:, 2, :, 70 - 64:], 0.0)    # the last panel's padding
+  # The kernel itself refuses weights that are not panels of the right size (the wrappers
+  # check first; this guards against reading past the buffer).
+  xs, w_hh = _inputs(3, 1, 6)
+  with pytest.raises(Exception, match='recurrent weights must be in panels'):
+    jax.block_until_ready(native_lstm._call(      # pylint: disable=protected-access
+        'lstm_inference', xs, jnp.swapaxes(w_hh, 1, 2)[:, None]))
+
+
 def test_prepared_layers_give_the_same_output():
   # lstm.prepared_layers (what model.with_inference_tables adds for inference) only moves
   # the weights into the kernel's layout: the output is that of the plain params.
@@ -138,8 +155,9 @@ def test_prepared_layers_give_the_same_output():
   params = layer.init(jax.random.PRNGKey(1), x)['params']
   prepared = lstm_lib.prepared_layers(params, 2)
   assert prepared['layer0']['w_ih'].shape == (64, 12)
-  assert prepared['layer1']['w_hh_t'].shape == (2, 8, 32)
-  np.testing.assert_allclose(prepared['layer1']['w_hh_t'][1],
+  # H = 8: 4H = 32 gate columns, one panel of (H, 32) per direction.
+  assert prepared['layer1']['w_hh_panels'].shape == (2, 1, 8, 32)
+  np.testing.assert_allclose(prepared['layer1']['w_hh_panels'][1, 0],
                              np.asarray(params['weight_hh_l1_reverse']).T)
   want = layer.apply({'params': params}, x)
   got = layer.apply({'params': params, lstm_lib.PREPARED: prepared}, x)
@@ -149,5 +167,5 @@ def test_prepared_layers_give_the_same_output():
   found = model_lib._prepared_lstms(tree)   # pylint: disable=protected-access
   assert set(found) == {'encoder', 'decoder'} and set(found['encoder']) == {'lstm'}
   assert set(found['decoder']['lstm']) == {'layer0', 'layer1'}
-  with pytest.raises(ValueError, match=r'w_hh_t must be \(D, H, 4H\)'):
-    native_lstm.inference_transposed(jnp.zeros((5, 2, 1, 32)), jnp.zeros((2, 32, 8)))
+  with pytest.raises(ValueError, match=r'w_hh_panels must be recurrent_panels\(w_hh\)'):
+    native_lstm.inference_prepared(jnp.zeros((5, 2, 1, 32)), jnp.zeros((2, 8, 32)))
