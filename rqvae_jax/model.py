@@ -35,15 +35,17 @@ from rqvae_jax.spectrum_head import SpectrumDecoder
 def with_inference_tables(variables: Dict[str, Any], inference) -> Dict[str, Any]:
   """`variables` plus read-only copies of weights in the layouts the CPU kernels want, built
   once instead of in every forward pass (for inference only: training would leave them
-  stale): the residual VQ's screened-search table (`quantizer.search_table`, collection
-  `vq_search`) where `inference.vq_search` picks that search, and each BiLSTM's layers
-  (`lstm.prepared_layers`, collection `lstm_prepared`) where the kernels run. The outputs
-  are those of `variables` alone (tests/test_native.py)."""
+  stale), where the CPU kernels run: the residual VQ's stages (`quantizer.stage_tables`,
+  collection `vq_search`, with the screened search's bfloat16 table where
+  `inference.vq_search` picks that search) and each BiLSTM's layers (`lstm.prepared_layers`,
+  collection `lstm_prepared`). The outputs are those of `variables` alone
+  (tests/test_native.py, tests/test_eval_separate.py)."""
   out = dict(variables)
   params = variables.get('params', {})
-  if 'quantizer' in params and quantizer_lib.use_screened_search(inference.vq_search):
-    table = quantizer_lib.search_table(params['quantizer']['codebooks'])
-    out[quantizer_lib.SEARCH] = {'quantizer': {'table': table}}
+  screened = quantizer_lib.use_screened_search(inference.vq_search)   # checks the value too
+  if native.usable() and 'quantizer' in params:
+    stages = quantizer_lib.stage_tables(params['quantizer']['codebooks'], screened)
+    out[quantizer_lib.SEARCH] = {'quantizer': {'stages': stages}}
   if native.usable():
     prepared = _prepared_lstms(params)
     if prepared:

@@ -30,8 +30,8 @@ import numpy as np
 from rqvae_jax import native
 
 STATS = 'codebook_stats'
-# A derived, read-only collection an inference caller may add (`search_table`): the codebooks
-# as the screened CPU search wants them. Never trained, never saved.
+# A derived, read-only collection an inference caller may add (`stage_tables`, variable
+# `stages`): each stage's codebook as the CPU search wants it. Never trained, never saved.
 SEARCH = 'vq_search'
 
 
@@ -79,18 +79,22 @@ def nearest_code(x: jax.Array, codebook: jax.Array, dtype=jnp.float32, table=Non
   AMD EPYC with AVX-512, the 12 stages 70-73 -> 50-52 ms, the same indices (README:
   Performance). Elsewhere the distances and `first_argmin` in XLA.
 
-  With a search `table` (this stage's slice of `search_table`: the bfloat16 codebook laid out
-  (D, K) and the float32 norms) on the CPU, the dot runs in bfloat16 (twice the float32
+  With a search `table` (one stage's `codebook_t`, the bfloat16 codebook (bfloat16, or its
+  bits as uint16) laid out (D, K), and `norms`, its float32 ||c||^2, from `search_table` or
+  `stage_tables`) on the CPU, the dot runs in bfloat16 (twice the float32
   rate on a CPU with AVX-512-BF16, but only from that layout) and the kernel screens its
   result with a proven error bound, scoring the few codes it cannot rule out exactly: the
   nearest code of the exact distances (`native.nearest_code_screened`).
   """
-  if table is not None and native.usable():
-    codebook_t = jax.lax.bitcast_convert_type(table['codebooks_t'], jnp.bfloat16)
+  if table is not None and 'codebook_t' in table and native.usable():
+    codebook_t = table['codebook_t']
+    if codebook_t.dtype != jnp.bfloat16:
+      codebook_t = jax.lax.bitcast_convert_type(codebook_t, jnp.bfloat16)
     cross = jnp.dot(x.astype(jnp.bfloat16), codebook_t, preferred_element_type=jnp.float32)
     return native.nearest_code_screened(cross, table['norms'], x, codebook)
   cross = jnp.dot(x.astype(dtype), codebook.astype(dtype).T, preferred_element_type=jnp.float32)
-  c2 = jnp.sum(jnp.square(codebook.astype(jnp.float32)), axis=-1)
+  c2 = (table['norms'] if table is not None and 'norms' in table
+        else jnp.sum(jnp.square(codebook.astype(jnp.float32)), axis=-1))
   if native.usable():
     return native.nearest_code_from_cross(cross, c2)
   return first_argmin(c2 - 2.0 * cross).astype(jnp.int32)
@@ -110,6 +114,29 @@ def search_table(codebooks: jax.Array) -> Dict[str, jax.Array]:
   bits = jax.lax.bitcast_convert_type(codebooks.astype(jnp.bfloat16), jnp.uint16)
   return {'codebooks_t': jnp.swapaxes(bits, 1, 2),
           'norms': jnp.sum(jnp.square(codebooks), axis=-1)}
+
+
+def stage_tables(codebooks: jax.Array, screened: bool) -> Tuple[Dict[str, jax.Array], ...]:
+  """Fixed codebooks (Q, K, D) -> one dict per stage, each stage's arrays its own buffers:
+  `codebook` (K, D) float32, `norms` (K,) and, when `screened`, `codebook_t` (D, K) bfloat16
+  (`search_table`'s, converted once). What `ResidualVQ` runs its stages from, one after the
+  other without a loop, when an inference caller adds them (collection `vq_search`, variable
+  `stages`): every stage's slice of the stacked codebooks, table and norms was a copy per
+  call, 12 of each (~9 ms of a ~165 ms batch-2 separation call on the AMX Xeon, 2026-12-07)."""
+  codebooks = jnp.asarray(codebooks, jnp.float32)
+  if screened:
+    table = search_table(codebooks)
+    codebook_t = jax.lax.bitcast_convert_type(table['codebooks_t'], jnp.bfloat16)
+    norms = table['norms']
+  else:
+    norms = jnp.sum(jnp.square(codebooks), axis=-1)
+  stages = []
+  for q in range(codebooks.shape[0]):
+    stage = {'codebook': jnp.array(codebooks[q]), 'norms': jnp.array(norms[q])}
+    if screened:
+      stage['codebook_t'] = jnp.array(codebook_t[q])
+    stages.append(stage)
+  return tuple(stages)
 
 
 SEARCH_MODES = ('auto', 'screened', 'float32')
@@ -194,9 +221,13 @@ class ResidualVQ(nn.Module):
     flat = z_e.reshape(-1, dim)
     dist_dtype = _dtype(self.distance_dtype)
 
-    table = (self.get_variable(SEARCH, 'table') if self.has_variable(SEARCH, 'table')
-             else None)
-    if (table is None and train and dist_dtype == jnp.float32
+    stages = (self.get_variable(SEARCH, 'stages') if self.has_variable(SEARCH, 'stages')
+              else None)
+    if stages is not None and (train or len(stages) != self.num_quantizers):
+      raise ValueError(f'{SEARCH} stages are for inference with {self.num_quantizers} stages '
+                       f'(model.with_inference_tables); got {len(stages)} with train={train}.')
+    table = None
+    if (stages is None and train and dist_dtype == jnp.float32
         and use_screened_search(self.train_search, 'model.quantizer.train_search')):
       # The codebooks change every step, so the table is built in the step: the kernel does
       # it in one pass (~4.5 ms alone, and XLA runs it beside the encoder), where the
@@ -204,7 +235,7 @@ class ResidualVQ(nn.Module):
       table = search_table(jax.lax.stop_gradient(self.codebooks))
 
     def stage(carry, xs):
-      codebook, stage_table = xs
+      codebook, stage_table = xs       # stage_table: None, or what `nearest_code` reads
       residual, cumulative, quantized = carry
       idx = nearest_code(jax.lax.stop_gradient(residual), codebook, dist_dtype, stage_table)
       q = jnp.take(codebook, idx, axis=0)
@@ -219,8 +250,18 @@ class ResidualVQ(nn.Module):
     # The quantized sum is carried, not stacked per stage and summed afterwards: that sum
     # was a separate reduction of 12 x (B*T, D), ~5 % of the eval forward on the CPU.
     init = (flat, jnp.zeros_like(flat), jnp.zeros_like(flat))
-    (_, _, quantized), (idx, residuals, counts, losses) = jax.lax.scan(stage, init,
-                                                                       (self.codebooks, table))
+    if stages is not None:                  # inference: each stage from its own arrays
+      carry, outs = init, []
+      for stage_arrays in stages:
+        carry, out = stage(carry, (stage_arrays['codebook'], stage_arrays))
+        outs.append(out)
+      quantized = carry[2]
+      idx, residuals, counts, losses = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+    else:
+      if table is not None:
+        table = {'codebook_t': table['codebooks_t'], 'norms': table['norms']}
+      (_, _, quantized), (idx, residuals, counts, losses) = jax.lax.scan(
+          stage, init, (self.codebooks, table))
     quantized = quantized.reshape(batch, length, dim)
     if train and not self.is_initializing():
       self.usage.value = self.usage_decay * (self.usage.value + counts)

@@ -252,9 +252,9 @@ def test_separate_chunks_counts_only_the_real_rows(smoke_run):
 
 
 def test_inference_tables_separate_as_the_plain_variables(smoke_run):
-  # The Separator adds the screened VQ search's table and the BiLSTMs' prepared weights
-  # (model.with_inference_tables); the codes are exact, so the stems and code counts are
-  # those of the model applied to the plain variables.
+  # The Separator adds the VQ's stage tables (with the screened search's bfloat16 table)
+  # and the BiLSTMs' prepared weights (model.with_inference_tables); the codes are exact, so
+  # the stems and code counts are those of the model applied to the plain variables.
   import jax
   from rqvae_jax import metrics
   from rqvae_jax.model import RQVAE
@@ -265,6 +265,7 @@ def test_inference_tables_separate_as_the_plain_variables(smoke_run):
   sep = separate.Separator.from_variables(
       _with(restored.config, 'inference.vq_search', 'screened'), plain)
   assert {'vq_search', 'lstm_prepared'} <= set(sep.variables)
+  assert all('codebook_t' in stage for stage in sep.variables['vq_search']['quantizer']['stages'])
   chunks = (0.1 * np.random.default_rng(3).normal(size=(3, sep.chunk))).astype(np.float32)
   stems, counts = sep.separate_chunks(chunks)
   want_stems, aux = jax.jit(lambda v, x: RQVAE(sep.config.model).apply(v, x, train=False))(
@@ -274,7 +275,10 @@ def test_inference_tables_separate_as_the_plain_variables(smoke_run):
   np.testing.assert_array_equal(counts, np.asarray(want_counts))
   float32 = separate.Separator.from_variables(
       _with(restored.config, 'inference.vq_search', 'float32'), plain)
-  assert 'vq_search' not in float32.variables and 'lstm_prepared' in float32.variables
+  assert 'lstm_prepared' in float32.variables          # float32 search: no bfloat16 table
+  assert not any('codebook_t' in stage
+                 for stage in float32.variables['vq_search']['quantizer']['stages'])
+  np.testing.assert_array_equal(float32.separate_chunks(chunks)[0], stems)
 
 
 def _with(config, key, value):

@@ -88,7 +88,7 @@ def _screened(x, codebook):
   """The screened search as quantizer.nearest_code runs it: the bfloat16 dot, then the kernel."""
   x, codebook = jnp.asarray(x, jnp.float32), jnp.asarray(codebook, jnp.float32)
   table = qz.search_table(codebook[None])
-  stage = jax.tree_util.tree_map(lambda a: a[0], table)
+  stage = {'codebook_t': table['codebooks_t'][0], 'norms': table['norms'][0]}
   return np.asarray(jax.jit(qz.nearest_code)(x, codebook, table=stage))
 
 
@@ -146,21 +146,42 @@ def test_screened_search_ties_nan_and_shapes():
     native.nearest_code_screened(cross, jnp.ones((80,)), jnp.asarray(x), jnp.asarray(codebook[:, :8]))
 
 
-def test_vq_with_a_search_table_gives_the_float32_codes():
+@pytest.mark.parametrize('screened', [True, False])
+def test_vq_with_stage_tables_gives_the_float32_codes(screened):
   model = qz.ResidualVQ(num_quantizers=3, codebook_size=512, dim=64)
   z = jax.random.normal(jax.random.PRNGKey(0), (2, 50, 64))
   variables = model.init(jax.random.PRNGKey(1), z)
-  table = qz.search_table(variables['params']['codebooks'])
+  codebooks = variables['params']['codebooks']
+  table = qz.search_table(codebooks)
   assert table['codebooks_t'].shape == (3, 64, 512) and table['norms'].shape == (3, 512)
+  stages = qz.stage_tables(codebooks, screened)
+  assert len(stages) == 3
+  for q, stage in enumerate(stages):
+    np.testing.assert_array_equal(stage['codebook'], codebooks[q])
+    np.testing.assert_allclose(stage['norms'], np.sum(np.square(codebooks[q]), -1), rtol=1e-6)
+    if screened:
+      assert stage['codebook_t'].dtype == jnp.bfloat16 and stage['codebook_t'].shape == (64, 512)
+      np.testing.assert_array_equal(np.asarray(stage['codebook_t'], np.float32),
+                                    np.asarray(codebooks[q].astype(jnp.bfloat16), np.float32).T)
+    else:
+      assert 'codebook_t' not in stage
   plain_q, plain = model.apply(variables, z)
   target = native.load().target_prefix + 'nearest_code_screened'
-  with_table = {**variables, qz.SEARCH: {'table': table}}
+  with_stages = {**variables, qz.SEARCH: {'stages': stages}}
   fn = jax.jit(lambda v, z: model.apply(v, z))
-  assert target in fn.lower(with_table, z).as_text()
+  lowered = fn.lower(with_stages, z).as_text()
+  assert (target in lowered) == screened
+  assert 'while' not in lowered and 'dynamic_slice' not in lowered   # the stages, unrolled
   assert target not in fn.lower(variables, z).as_text()
-  screened_q, screened = fn(with_table, z)
-  np.testing.assert_array_equal(np.asarray(screened['codes']), np.asarray(plain['codes']))
-  np.testing.assert_array_equal(np.asarray(screened_q), np.asarray(plain_q))
+  got_q, got = fn(with_stages, z)
+  for key in ('codes', 'residuals', 'counts', 'codebook_loss', 'cumulative_loss'):
+    np.testing.assert_array_equal(np.asarray(got[key]), np.asarray(plain[key]), err_msg=key)
+  np.testing.assert_array_equal(np.asarray(got_q), np.asarray(plain_q))
+  # Stage tables are for inference: a training call with them, or the wrong count, is refused.
+  with pytest.raises(ValueError, match='stages are for inference with 3 stages'):
+    model.apply({**variables, qz.SEARCH: {'stages': stages[:2]}}, z)
+  with pytest.raises(ValueError, match='stages are for inference'):
+    model.apply(with_stages, z, train=True, mutable=[qz.STATS])
 
 
 @pytest.mark.parametrize('q,k,d', [(2, 4096, 256), (3, 100, 37), (1, 5, 3)])
