@@ -9,7 +9,9 @@ Kernels where XLA's CPU code was measurably slow (README: Performance):
     a bfloat16 dot's result checked against a proven error bound, the codes it cannot rule
     out scored exactly;
   * that table (native/nearest_cpu.cc, `search_table`): the codebooks' bfloat16 bits
-    transposed and their norms in one pass, cheap enough to rebuild in every training step.
+    transposed and their norms in one pass, cheap enough to rebuild in every training step;
+  * a convolution's weight gradient x^T dy (native/weight_grad_cpu.cc, `tn_matmul`): read in
+    the arrays' own layout, where XLA's dot had them written transposed first.
 All have portable XLA paths they are tested against, used on accelerators and wherever
 the kernels cannot be built.
 
@@ -40,13 +42,14 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 NATIVE_DIR = pathlib.Path(__file__).parent / 'native'
-SOURCES = (NATIVE_DIR / 'lstm_cpu.cc', NATIVE_DIR / 'nearest_cpu.cc')
+SOURCES = (NATIVE_DIR / 'lstm_cpu.cc', NATIVE_DIR / 'nearest_cpu.cc',
+           NATIVE_DIR / 'weight_grad_cpu.cc')
 HEADERS = (NATIVE_DIR / 'parallel.h',)
 # FFI target (without the library's prefix) -> the symbol the library exports for it.
 _TARGETS = {'lstm_forward': 'RqvaeLstmForward', 'lstm_inference': 'RqvaeLstmInference',
             'lstm_backward': 'RqvaeLstmBackward', 'nearest_code': 'RqvaeNearestCode',
             'nearest_code_screened': 'RqvaeNearestCodeScreened',
-            'search_table': 'RqvaeSearchTable'}
+            'search_table': 'RqvaeSearchTable', 'tn_matmul': 'RqvaeTnMatmul'}
 OFF = 'RQVAE_JAX_NATIVE=0'                 # the reason load() gives when turned off
 # -fno-trapping-math lets GCC vectorise floor (the exp's range reduction); the kernels
 # never read the FP exception flags.
@@ -194,6 +197,8 @@ def partitioned(kind: str, rule: str, batch_factor: str, result_shapes):
   the whole batch to every device. On one device it lowers to the plain custom call (and
   stays in the persistent compilation cache). `rule`: the Shardy rule over the arguments
   and results (e.g. 'n k, k -> n'); `result_shapes(args)`: the results' ShapeDtypeStructs.
+  A rule whose results lack the batch factor is a sum over it (e.g. 'n m, n p -> m p'):
+  each device's partial result is summed over the batch's mesh axes.
   """
   operands, results = (part.split(',') for part in rule.split('->'))
   arg_factors = [f.split() for f in operands]
@@ -224,7 +229,13 @@ def partitioned(kind: str, rule: str, batch_factor: str, result_shapes):
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
     args, outs = shardings(mesh, arg_shapes)
-    lower = lambda *local: ffi(kind, result_shapes(local), *local)
+    batch = next((spec.spec[f.index(batch_factor)] for spec, f in zip(args, arg_factors)
+                  if batch_factor in f), None)
+    summed = not any(batch_factor in f for f in out_factors)
+
+    def lower(*local):
+      result = ffi(kind, result_shapes(local), *local)
+      return jax.lax.psum(result, batch) if summed and batch is not None else result
     return mesh, lower, outs, args
 
   # Every factor but the batch, in order of appearance (Shardy wants them sorted).
@@ -291,3 +302,22 @@ def _table_call():
 def _screened_call():
   return partitioned('nearest_code_screened', 'n k, k, n d, k d -> n', 'n',
                      lambda args: jax.ShapeDtypeStruct(args[0].shape[:1], jnp.int32))
+
+
+@functools.lru_cache(maxsize=None)
+def _tn_call():
+  return partitioned('tn_matmul', 'n m, n p -> m p', 'n',
+                     lambda args: jax.ShapeDtypeStruct((args[0].shape[1], args[1].shape[1]),
+                                                       jnp.float32))
+
+
+def tn_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a^T b for float32 a (N, M) and b (N, P): (M, P), accumulated in float32 (a weight
+  gradient: native/weight_grad_cpu.cc says why). Summed over the devices a sharded N is
+  split across. Not differentiable (it is itself a gradient)."""
+  if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+    raise ValueError(f'a must be (N, M) and b (N, P), got {a.shape} and {b.shape}.')
+  if a.dtype != jnp.float32 or b.dtype != jnp.float32:
+    raise ValueError(f'The weight-gradient kernel computes in float32, got {a.dtype} and '
+                     f'{b.dtype}.')
+  return _tn_call()(jax.lax.stop_gradient(a), jax.lax.stop_gradient(b))

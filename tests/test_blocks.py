@@ -135,3 +135,38 @@ def test_conv_forms_match_lax_conv_on_device(transposed, shape, impl):
     scale = float(np.max(np.abs(np.asarray(b))))
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4 * scale,
                                err_msg=name)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the weight-gradient kernel is CPU-only')
+@pytest.mark.parametrize('transposed,shape', [
+    (False, (1, 1, 0, 64, 64, 3528)),     # 1x1: x @ w
+    (False, (7, 5, 1, 16, 32, 17640)),    # strided: im2col columns @ w
+    (True, (7, 5, 1, 32, 16, 3528)),      # transposed: x @ every tap's weights
+    (True, (4, 2, 1, 256, 128, 441)),     # 882 rows: below the kernel's threshold, XLA's dot
+])
+def test_weight_gradients_on_the_cpu_match_lax_conv(transposed, shape):
+  """blocks.weight_matmul's kernel gradient (native.tn_matmul, where the rows are many and the
+  weights small) against XLA's convolution, forward and both gradients."""
+  from rqvae_jax import native
+  if not native.usable():
+    pytest.skip('the compiled kernels did not build here (tests/test_native.py says why)')
+  k, s, p, c_in, c_out, length = shape
+  rng = np.random.default_rng(k * 100 + s * 10 + c_in)
+  x = jax.numpy.asarray(rng.normal(size=(2, length, c_in)).astype(np.float32))
+  kernel = jax.numpy.asarray(rng.normal(size=(k, c_out, c_in) if transposed else (k, c_in, c_out))
+                             .astype(np.float32) / np.sqrt(k * c_in))
+  form = (lambda x, w: blocks.conv_transpose(x, w, s, p)) if transposed else (
+      lambda x, w: blocks.conv(x, w, s, p))
+  ref = lambda x, w: _device_reference(x, w, k, s, p, transposed)
+  loss = lambda f: lambda x, w: jax.numpy.sum(jax.numpy.sin(f(x, w)))
+  grad = jax.jit(jax.grad(loss(form), argnums=(0, 1)))
+  rows = 2 * length
+  uses_kernel = rows >= 1024
+  assert (native.load().target_prefix + 'tn_matmul' in grad.lower(x, kernel).as_text()) == uses_kernel
+  g_got = grad(x, kernel)
+  with jax.default_matmul_precision('highest'):
+    g_want = jax.jit(jax.grad(loss(ref), argnums=(0, 1)))(x, kernel)
+  for a, b, name in zip(g_got, g_want, ('input', 'kernel')):
+    scale = float(np.max(np.abs(np.asarray(b))))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-4 * scale,
+                               err_msg=name)
