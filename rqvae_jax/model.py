@@ -42,10 +42,11 @@ def with_inference_tables(variables: Dict[str, Any], inference) -> Dict[str, Any
   (tests/test_native.py, tests/test_eval_separate.py)."""
   out = dict(variables)
   params = variables.get('params', {})
-  screened = quantizer_lib.use_screened_search(inference.vq_search)   # checks the value too
-  if native.usable() and 'quantizer' in params:
-    stages = quantizer_lib.stage_tables(params['quantizer']['codebooks'], screened)
-    out[quantizer_lib.SEARCH] = {'quantizer': {'stages': stages}}
+  if 'quantizer' in params:
+    screened = quantizer_lib.use_screened_search(inference.vq_search)   # checks the value too
+    if native.usable():
+      stages = quantizer_lib.stage_tables(params['quantizer']['codebooks'], screened)
+      out[quantizer_lib.SEARCH] = {'quantizer': {'stages': stages}}
   if native.usable():
     prepared = _prepared_lstms(params)
     if prepared:
