@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 NATIVE_DIR = pathlib.Path(__file__).parent / 'native'
 SOURCES = (NATIVE_DIR / 'lstm_cpu.cc', NATIVE_DIR / 'nearest_cpu.cc',
            NATIVE_DIR / 'weight_grad_cpu.cc')
-HEADERS = (NATIVE_DIR / 'parallel.h',)
+HEADERS = (NATIVE_DIR / 'parallel.h', NATIVE_DIR / 'simd.h')
 # FFI target (without the library's prefix) -> the symbol the library exports for it.
 _TARGETS = {'lstm_forward': 'RqvaeLstmForward', 'lstm_inference': 'RqvaeLstmInference',
             'lstm_backward': 'RqvaeLstmBackward', 'nearest_code': 'RqvaeNearestCode',

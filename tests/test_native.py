@@ -1,7 +1,13 @@
 """The compiled CPU kernels' build, cache and fallback (rqvae_jax.native), and the
 nearest-code kernel against XLA's argmin (the LSTM kernel: tests/test_native_lstm.py)."""
 
+import json
 import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +17,7 @@ import pytest
 from rqvae_jax import lstm as lstm_lib
 from rqvae_jax import native
 from rqvae_jax import quantizer as qz
-from tests.conftest import run_on_two_cpu_devices
+from tests.conftest import REPO, run_on_two_cpu_devices
 
 pytestmark = pytest.mark.skipif(
     native.find_compiler() is None or jax.default_backend() != 'cpu',
@@ -405,3 +411,46 @@ def test_tn_matmul_sums_the_devices_shards():
   assert info['devices'] == 2 and info['diff'] < 1e-3, info
   assert info['gathers'] == 0 and info['reduces'] >= 1, info
   assert info['calls'] == 1 and info['local_rows'], info
+
+
+_OTHER_ISA = r'''
+import json, sys
+sys.path.insert(0, {repo!r})
+import numpy as np, jax, jax.numpy as jnp
+from rqvae_jax import lstm, native, native_lstm, quantizer
+status = native.load()
+rng = np.random.default_rng(0)
+xs = jnp.asarray(rng.normal(size=(9, 2, 3, 160)), jnp.float32)            # H = 40
+w = jnp.asarray(rng.normal(size=(2, 160, 40)) / np.sqrt(40), jnp.float32)
+loss = lambda f: jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))
+got = jax.jit(loss(native_lstm.recurrence))(xs, w)
+want = jax.jit(loss(lambda x, w: lstm._recurrence(x, w, 1)))(xs, w)
+a = rng.normal(size=(1100, 7)).astype(np.float32); b = rng.normal(size=(1100, 53)).astype(np.float32)
+tn = np.asarray(jax.jit(native.tn_matmul)(jnp.asarray(a), jnp.asarray(b)))
+x = rng.normal(size=(130, 20)).astype(np.float32); c = rng.normal(size=(37, 20)).astype(np.float32)
+codes = np.asarray(jax.jit(quantizer.nearest_code)(jnp.asarray(x), jnp.asarray(c)))
+exact = np.argmin(np.sum(c.astype(np.float64) ** 2, -1) - 2 * x.astype(np.float64) @ c.T, -1)
+print(json.dumps({{'available': status.available, 'library': status.library,
+    'lstm': max(float(jnp.max(jnp.abs(g - r))) for g, r in zip(got, want)),
+    'tn': float(np.max(np.abs(tn - a.astype(np.float64).T @ b))), 'codes': bool((codes == exact).all())}}))
+'''
+
+
+@pytest.mark.skipif(platform.machine() not in ('x86_64', 'AMD64') or shutil.which('g++') is None,
+                    reason='builds the kernels for other x86-64 levels with g++')
+@pytest.mark.parametrize('march', ['x86-64-v3', 'x86-64'])
+def test_kernels_built_for_avx2_and_sse2_compute_the_same(tmp_path, march):
+  """The kernels compiled for AVX2 (x86-64-v3) and plain SSE2 (x86-64), as a CPU without
+  AVX-512 builds them (simd.h's narrower vectors): the LSTM recurrence and its gradients
+  against the scan, the weight-gradient product, the nearest codes. (A later -march wins
+  over the build's -march=native.)"""
+  wrapper = tmp_path / 'cxx'
+  wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("g++")} "$@" -march={march}\n')
+  wrapper.chmod(0o755)
+  env = dict(os.environ, CXX=str(wrapper), RQVAE_JAX_NATIVE_CACHE=str(tmp_path / 'cache'))
+  proc = subprocess.run([sys.executable, '-c', _OTHER_ISA.format(repo=str(REPO))], env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  info = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert info['available'] and str(tmp_path) in info['library'], info
+  assert info['lstm'] < 1e-4 and info['tn'] < 1e-3 and info['codes'], info

@@ -28,6 +28,7 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace ffi = xla::ffi;
 
@@ -80,35 +81,32 @@ struct Dims {
 // 4N bytes per row, and a batch-2 step waited on L2 (2026-12-07, AMX Xeon: 25.6 -> 13.6 us a
 // step for H = 256, one direction).
 constexpr int64_t kPanel = 32;
-typedef float Vec16 __attribute__((vector_size(64)));
+constexpr int64_t kTileColumns = 2 * rqvae_native::kLanes;   // columns of one register tile
+static_assert(kPanel % kTileColumns == 0, "a panel must hold whole register tiles");
+using rqvae_native::VecN;
+using rqvae_native::load_vec;
+using rqvae_native::store_vec;
 
-inline Vec16 load16(const float* p) {
-  Vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
-
-// acc[b, :kPanel] += sum_k v[b, k] * panel[k, :] for BB batch rows: the 2 x BB accumulator
-// vectors stay in registers over all of K, four weight rows loaded per pass and used for
-// every batch row.
+// acc[b, c0 : c0 + kTileColumns] += sum_k v[b, k] * panel[k, c0 : ...] for BB batch rows:
+// the 2 x BB accumulator vectors stay in registers over all of K, four weight rows loaded
+// per pass and used for every batch row.
 template <int BB>
 inline void panel_tile(float* acc, int64_t acc_stride, const float* v, int64_t vstride,
-                       const float* panel, int64_t kdim) {
-  Vec16 lo[BB], hi[BB];
+                       const float* panel, int64_t kdim, int64_t c0) {
+  constexpr int64_t kHalf = rqvae_native::kLanes;
+  VecN lo[BB], hi[BB];
   for (int b = 0; b < BB; ++b) {
-    lo[b] = load16(acc + b * acc_stride);
-    hi[b] = load16(acc + b * acc_stride + 16);
+    lo[b] = load_vec(acc + b * acc_stride);
+    hi[b] = load_vec(acc + b * acc_stride + kHalf);
   }
   int64_t k = 0;
   for (; k + 4 <= kdim; k += 4) {
-    const float* w = panel + k * kPanel;
+    const float* w = panel + k * kPanel + c0;
     for (int line = 0; line < 8; ++line) __builtin_prefetch(w + 32 * kPanel + 16 * line);
-    const Vec16 w0l = load16(w), w0h = load16(w + 16);
-    const Vec16 w1l = load16(w + kPanel), w1h = load16(w + kPanel + 16);
-    const Vec16 w2l = load16(w + 2 * kPanel), w2h = load16(w + 2 * kPanel + 16);
-    const Vec16 w3l = load16(w + 3 * kPanel), w3h = load16(w + 3 * kPanel + 16);
+    const VecN w0l = load_vec(w), w0h = load_vec(w + kHalf);
+    const VecN w1l = load_vec(w + kPanel), w1h = load_vec(w + kPanel + kHalf);
+    const VecN w2l = load_vec(w + 2 * kPanel), w2h = load_vec(w + 2 * kPanel + kHalf);
+    const VecN w3l = load_vec(w + 3 * kPanel), w3h = load_vec(w + 3 * kPanel + kHalf);
     for (int b = 0; b < BB; ++b) {
       const float* vb = v + b * vstride + k;
       const float a0 = vb[0], a1 = vb[1], a2 = vb[2], a3 = vb[3];
@@ -117,8 +115,8 @@ inline void panel_tile(float* acc, int64_t acc_stride, const float* v, int64_t v
     }
   }
   for (; k < kdim; ++k) {
-    const float* w = panel + k * kPanel;
-    const Vec16 wl = load16(w), wh = load16(w + 16);
+    const float* w = panel + k * kPanel + c0;
+    const VecN wl = load_vec(w), wh = load_vec(w + kHalf);
     for (int b = 0; b < BB; ++b) {
       const float a = v[b * vstride + k];
       lo[b] += a * wl;
@@ -126,21 +124,23 @@ inline void panel_tile(float* acc, int64_t acc_stride, const float* v, int64_t v
     }
   }
   for (int b = 0; b < BB; ++b) {
-    store16(acc + b * acc_stride, lo[b]);
-    store16(acc + b * acc_stride + 16, hi[b]);
+    store_vec(acc + b * acc_stride, lo[b]);
+    store_vec(acc + b * acc_stride + kHalf, hi[b]);
   }
 }
 
-// acc[b, :n] += sum_k v[b, k] * m[k, :n] for b < batch, m in panels (above); batch rows
-// four, then two, then one at a time. A last, partial panel goes through a kPanel-wide copy.
+// acc[b, :n] += sum_k v[b, k] * m[k, :n] for b < batch, m in panels (above); each panel in
+// register tiles of kTileColumns, batch rows kMaxTileRows (4 with AVX-512, else 2), then
+// fewer, at a time. A last, partial panel goes through a kPanel-wide copy.
 inline void accumulate_panels(float* acc, const float* v, int64_t vstride, const float* m,
                               int64_t kdim, int64_t n, int64_t batch) {
-  float part[4 * kPanel];
+  constexpr int64_t kRows = rqvae_native::kMaxTileRows;
+  float part[kRows * kPanel];
   for (int64_t j0 = 0; j0 < n; j0 += kPanel) {
     const float* panel = m + (j0 / kPanel) * kdim * kPanel;
     const int64_t width = n - j0 < kPanel ? n - j0 : kPanel;
     for (int64_t b = 0; b < batch;) {
-      const int64_t rows = batch - b >= 4 ? 4 : (batch - b >= 2 ? 2 : 1);
+      const int64_t rows = batch - b >= kRows ? kRows : (batch - b >= 2 ? 2 : 1);
       float* out = acc + b * n + j0;
       float* tile = out;
       int64_t stride = n;
@@ -152,9 +152,11 @@ inline void accumulate_panels(float* acc, const float* v, int64_t vstride, const
         stride = kPanel;
       }
       const float* vb = v + b * vstride;
-      if (rows == 4) panel_tile<4>(tile, stride, vb, vstride, panel, kdim);
-      else if (rows == 2) panel_tile<2>(tile, stride, vb, vstride, panel, kdim);
-      else panel_tile<1>(tile, stride, vb, vstride, panel, kdim);
+      for (int64_t c0 = 0; c0 < kPanel; c0 += kTileColumns) {
+        if (rows == 4) panel_tile<kRows>(tile + c0, stride, vb, vstride, panel, kdim, c0);
+        else if (rows == 2) panel_tile<2>(tile + c0, stride, vb, vstride, panel, kdim, c0);
+        else panel_tile<1>(tile + c0, stride, vb, vstride, panel, kdim, c0);
+      }
       if (width < kPanel) {
         for (int64_t r = 0; r < rows; ++r)
           std::memcpy(out + r * n, part + r * kPanel, sizeof(float) * width);

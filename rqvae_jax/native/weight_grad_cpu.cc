@@ -7,7 +7,7 @@
 // backward) writes it transposed, a strided copy several times slower than the same
 // fusion in its natural layout, and so does the one that makes x. Here both are read as
 // they are, row by row: out (M, P) = a^T b for a (N, M), b (N, P), float32, in register tiles
-// of 4 x 32 outputs over blocks of rows that stay in L2. The rows are split into two fixed
+// of 4 x (2 vectors) outputs over blocks of rows that stay in L2. The rows are split into two fixed
 // halves (one per thread) summed at the end, so the result does not depend on timing.
 
 #include <algorithm>
@@ -17,34 +17,30 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float Vec16 __attribute__((vector_size(64)));
-
-inline Vec16 load16(const float* p) {
-  Vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store16(float* p, Vec16 v) { std::memcpy(p, &v, sizeof(v)); }
+using rqvae_native::kLanes;
+using rqvae_native::load_vec;
+using rqvae_native::store_vec;
+using rqvae_native::VecN;
 
 constexpr int64_t kRowBlock = 256;   // rows per block: a block of a and b stays in L2
 
-// acc[m0 + i, p0 : p0 + 16 * PV] += sum_n a[n, m0 + i] * b[n, p0 : ...] for i < MT, over
+// acc[m0 + i, p0 : p0 + kLanes * PV] += sum_n a[n, m0 + i] * b[n, p0 : ...] for i < MT, over
 // `rows` rows of the block, MT x PV accumulator vectors in registers.
 template <int MT, int PV>
 inline void tile(const float* a, int64_t m, const float* b, int64_t p, int64_t rows,
                  int64_t m0, int64_t p0, float* acc) {
-  Vec16 c[MT][PV];
+  VecN c[MT][PV];
   for (int i = 0; i < MT; ++i)
-    for (int v = 0; v < PV; ++v) c[i][v] = Vec16{};
+    for (int v = 0; v < PV; ++v) c[i][v] = VecN{};
   for (int64_t n = 0; n < rows; ++n) {
-    Vec16 bv[PV];
-    for (int v = 0; v < PV; ++v) bv[v] = load16(b + n * p + p0 + 16 * v);
+    VecN bv[PV];
+    for (int v = 0; v < PV; ++v) bv[v] = load_vec(b + n * p + p0 + kLanes * v);
     const float* an = a + n * m + m0;
     for (int i = 0; i < MT; ++i) {
       const float s = an[i];
@@ -53,8 +49,8 @@ inline void tile(const float* a, int64_t m, const float* b, int64_t p, int64_t r
   }
   for (int i = 0; i < MT; ++i) {
     for (int v = 0; v < PV; ++v) {
-      float* out = acc + (m0 + i) * p + p0 + 16 * v;
-      store16(out, load16(out) + c[i][v]);
+      float* out = acc + (m0 + i) * p + p0 + kLanes * v;
+      store_vec(out, load_vec(out) + c[i][v]);
     }
   }
 }
@@ -75,9 +71,9 @@ void accumulate(const float* a, const float* b, int64_t m, int64_t p, int64_t fi
     const float* ab = a + n0 * m;
     const float* bb = b + n0 * p;
     int64_t p0 = 0;
-    for (; p0 + 32 <= p; p0 += 32) tile_columns<2>(ab, m, bb, p, rows, p0, acc);
-    for (; p0 + 16 <= p; p0 += 16) tile_columns<1>(ab, m, bb, p, rows, p0, acc);
-    for (; p0 < p; ++p0) {                         // fewer than 16 columns left
+    for (; p0 + 2 * kLanes <= p; p0 += 2 * kLanes) tile_columns<2>(ab, m, bb, p, rows, p0, acc);
+    for (; p0 + kLanes <= p; p0 += kLanes) tile_columns<1>(ab, m, bb, p, rows, p0, acc);
+    for (; p0 < p; ++p0) {                         // fewer than kLanes columns left
       for (int64_t i = 0; i < m; ++i) {
         float s = 0.0f;
         for (int64_t n = 0; n < rows; ++n) s += ab[n * m + i] * bb[n * p + p0];
