@@ -25,6 +25,7 @@
 
 #include "xla/ffi/api/ffi.h"
 #include "parallel.h"
+#include "simd.h"
 
 namespace ffi = xla::ffi;
 
@@ -35,31 +36,34 @@ typedef int32_t Int16 __attribute__((vector_size(64)));
 typedef float Vec8 __attribute__((vector_size(32)));
 typedef double VecD8 __attribute__((vector_size(64)));
 
+// Vectors of the CPU's register width (simd.h): with 16-float vectors an AVX2 build of this
+// loop ran 21x slower (0.30 -> 6.5 ms for 441 rows of 4096, -march=haswell on the AMX Xeon).
 void nearest_rows(const float* cross, const float* norms, int64_t k, int64_t first,
                   int64_t last, int32_t* out) {
+  using rqvae_native::IntN;
+  using rqvae_native::kLanes;
+  using rqvae_native::load_vec;
+  using rqvae_native::VecN;
   const float inf = std::numeric_limits<float>::infinity();
-  Int16 lane;
-  for (int i = 0; i < 16; ++i) lane[i] = i;
+  IntN lane;
+  for (int i = 0; i < kLanes; ++i) lane[i] = i;
   for (int64_t r = first; r < last; ++r) {
     const float* row = cross + r * k;
-    Vec16 best = {};
-    Int16 best_index = {};
+    VecN best = {};
+    IntN best_index = {};
     best += inf;
     int64_t j = 0;
     // Per lane, a strict < keeps the earliest index of that lane's minimum.
-    for (; j + 16 <= k; j += 16) {
-      Vec16 c, n;
-      std::memcpy(&c, row + j, sizeof(c));
-      std::memcpy(&n, norms + j, sizeof(n));
-      const Vec16 d = n - 2.0f * c;
-      const auto better = d < best;
+    for (; j + kLanes <= k; j += kLanes) {
+      const VecN d = load_vec(norms + j) - 2.0f * load_vec(row + j);
+      const IntN better = d < best;
       best = better ? d : best;
       best_index = better ? lane + static_cast<int32_t>(j) : best_index;
     }
     // Across lanes, the smallest value and, among equal ones, the smallest index.
     float value = inf;
     int32_t index = 0;
-    for (int i = 0; i < 16; ++i) {
+    for (int i = 0; i < kLanes; ++i) {
       if (best[i] < value || (best[i] == value && best_index[i] < index)) {
         value = best[i];
         index = best_index[i];

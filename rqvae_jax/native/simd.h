@@ -1,4 +1,5 @@
-// Shared by the CPU kernels that use vector types (lstm_cpu.cc, weight_grad_cpu.cc): the
+// Shared by the CPU kernels that use vector types (lstm_cpu.cc, weight_grad_cpu.cc, the
+// argmin of nearest_cpu.cc): the
 // widest float vector this CPU's registers hold, as a GCC/Clang vector type.
 //
 // Why not always 16 floats: without AVX-512 the compiler lowers a 64-byte vector type piece
@@ -8,6 +9,7 @@
 #ifndef RQVAE_JAX_NATIVE_SIMD_H_
 #define RQVAE_JAX_NATIVE_SIMD_H_
 
+#include <cstdint>
 #include <cstring>
 
 namespace rqvae_native {
@@ -25,6 +27,7 @@ constexpr int kLanes = 4;
 constexpr int kMaxTileRows = kLanes == 16 ? 4 : 2;
 
 typedef float VecN __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t IntN __attribute__((vector_size(kLanes * sizeof(int32_t))));   // VecN's masks
 
 inline VecN load_vec(const float* p) {
   VecN v;
