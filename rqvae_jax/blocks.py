@@ -96,11 +96,12 @@ def _weight_matmul_bwd(residuals, dy):
   x, w = residuals
   dx = jnp.matmul(dy, w.T.astype(dy.dtype)).astype(x.dtype)
   rows, k = int(np.prod(x.shape[:-1])), x.shape[-1]
+  x2, dy2 = x.reshape(rows, k), dy.reshape(rows, -1)
   if (x.dtype == dy.dtype == w.dtype == jnp.float32
       and _uses_weight_kernel(rows, k, w.shape[1])):
-    dw = native.tn_matmul(x.reshape(rows, k), dy.reshape(rows, -1))
+    dw = native.tn_matmul(x2, dy2)
   else:
-    dw = jnp.einsum('nk,no->ko', x.reshape(rows, k), dy.reshape(rows, -1),
+    dw = jnp.einsum('nk,no->ko', x2, dy2,
                     preferred_element_type=jnp.float32).astype(w.dtype)
   return dx, dw
 

@@ -203,19 +203,23 @@ def partitioned(kind: str, rule: str, batch_factor: str, result_shapes):
   operands, results = (part.split(',') for part in rule.split('->'))
   arg_factors = [f.split() for f in operands]
   out_factors = [f.split() for f in results]
+  summed = not any(batch_factor in f for f in out_factors)   # results are sums over it
 
   @custom_partitioning
   def call(*args):
     return ffi(kind, result_shapes(args), *args)
 
-  def shardings(mesh, arg_shapes):
-    batch = None
+  def batch_axes(arg_shapes):
+    """The mesh axes the batch factor is sharded over (None: not sharded)."""
     for factors, shape in zip(arg_factors, arg_shapes):
       if batch_factor in factors:
         spec = getattr(shape.sharding, 'spec', P())
         axis = factors.index(batch_factor)
-        batch = spec[axis] if len(spec) > axis else None
-        break
+        return spec[axis] if len(spec) > axis else None
+    return None
+
+  def shardings(mesh, arg_shapes):
+    batch = batch_axes(arg_shapes)
     spec = lambda factors: NamedSharding(
         mesh, P(*(batch if f == batch_factor else None for f in factors)))
     args = tuple(spec(f) for f in arg_factors)
@@ -229,9 +233,7 @@ def partitioned(kind: str, rule: str, batch_factor: str, result_shapes):
   def partition(mesh, arg_shapes, result_shape):
     del result_shape
     args, outs = shardings(mesh, arg_shapes)
-    batch = next((spec.spec[f.index(batch_factor)] for spec, f in zip(args, arg_factors)
-                  if batch_factor in f), None)
-    summed = not any(batch_factor in f for f in out_factors)
+    batch = batch_axes(arg_shapes)
 
     def lower(*local):
       result = ffi(kind, result_shapes(local), *local)

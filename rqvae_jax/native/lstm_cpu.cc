@@ -153,7 +153,7 @@ inline void accumulate_panels(float* acc, const float* v, int64_t vstride, const
       }
       const float* vb = v + b * vstride;
       for (int64_t c0 = 0; c0 < kPanel; c0 += kTileColumns) {
-        if (rows == 4) panel_tile<kRows>(tile + c0, stride, vb, vstride, panel, kdim, c0);
+        if (rows == kRows) panel_tile<kRows>(tile + c0, stride, vb, vstride, panel, kdim, c0);
         else if (rows == 2) panel_tile<2>(tile + c0, stride, vb, vstride, panel, kdim, c0);
         else panel_tile<1>(tile + c0, stride, vb, vstride, panel, kdim, c0);
       }
