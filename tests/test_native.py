@@ -430,7 +430,15 @@ tn = np.asarray(jax.jit(native.tn_matmul)(jnp.asarray(a), jnp.asarray(b)))
 x = rng.normal(size=(130, 20)).astype(np.float32); c = rng.normal(size=(37, 20)).astype(np.float32)
 codes = np.asarray(jax.jit(quantizer.nearest_code)(jnp.asarray(x), jnp.asarray(c)))
 exact = np.argmin(np.sum(c.astype(np.float64) ** 2, -1) - 2 * x.astype(np.float64) @ c.T, -1)
+cs = rng.normal(size=(2, 70, 20)).astype(np.float32)                   # two full tiles + 6
+bits, norms = jax.jit(native.search_table)(jnp.asarray(cs))
+want_bits = np.swapaxes(np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(cs, jnp.bfloat16), jnp.uint16)), 1, 2)
+table = {{'codebook_t': jnp.asarray(bits[1]), 'norms': norms[1]}}
+screened = np.asarray(jax.jit(quantizer.nearest_code)(jnp.asarray(x), jnp.asarray(cs[1]), table=table))
+exact_s = np.argmin(np.sum(cs[1].astype(np.float64) ** 2, -1) - 2 * x.astype(np.float64) @ cs[1].T, -1)
 print(json.dumps({{'available': status.available, 'library': status.library,
+    'table': bool((np.asarray(bits) == want_bits).all()) and float(np.max(np.abs(np.asarray(norms) - np.sum(cs.astype(np.float64) ** 2, -1)))) < 1e-4,
+    'screened': bool((screened == exact_s).all()),
     'lstm': max(float(jnp.max(jnp.abs(g - r))) for g, r in zip(got, want)),
     'tn': float(np.max(np.abs(tn - a.astype(np.float64).T @ b))), 'codes': bool((codes == exact).all())}}))
 '''
@@ -442,8 +450,8 @@ print(json.dumps({{'available': status.available, 'library': status.library,
 def test_kernels_built_for_avx2_and_sse2_compute_the_same(tmp_path, march):
   """The kernels compiled for AVX2 (x86-64-v3) and plain SSE2 (x86-64), as a CPU without
   AVX-512 builds them (simd.h's narrower vectors): the LSTM recurrence and its gradients
-  against the scan, the weight-gradient product, the nearest codes. (A later -march wins
-  over the build's -march=native.)"""
+  against the scan, the weight-gradient product, the nearest codes (plain and screened), the
+  search table. (A later -march wins over the build's -march=native.)"""
   wrapper = tmp_path / 'cxx'
   wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("g++")} "$@" -march={march}\n')
   wrapper.chmod(0o755)
@@ -454,3 +462,4 @@ def test_kernels_built_for_avx2_and_sse2_compute_the_same(tmp_path, march):
   info = json.loads(proc.stdout.strip().splitlines()[-1])
   assert info['available'] and str(tmp_path) in info['library'], info
   assert info['lstm'] < 1e-4 and info['tn'] < 1e-3 and info['codes'], info
+  assert info['table'] and info['screened'], info
