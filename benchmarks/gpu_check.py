@@ -157,13 +157,20 @@ def environment(install: dict):
            'python': platform.python_version(), 'host': platform.node(),
            'cpu_model': machine.cpu_model(), 'cpu_flags': machine.cpu_flags(),
            'cpu_count': os.cpu_count(), 'code': machine.code_commit(), 'install': install}
-    plugins = {}
-    for name in ('jax-cuda12-plugin', 'jax-cuda12-pjrt', 'nvidia-cudnn-cu12'):
-      try:
-        plugins[name] = metadata.version(name)
-      except metadata.PackageNotFoundError:
-        pass
-    out['cuda_packages'] = plugins
+    def versions(names):
+      found = {}
+      for name in names:
+        try:
+          found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+          pass
+      return found
+    out['cuda_packages'] = versions(('jax-cuda12-plugin', 'jax-cuda12-pjrt', 'nvidia-cudnn-cu12',
+                                     'jax-cuda13-plugin', 'jax-cuda13-pjrt', 'nvidia-cudnn-cu13'))
+    # The machine's own Python may differ from the lock (requirements.txt): say what ran.
+    out['packages'] = versions(('flax', 'optax', 'orbax-checkpoint', 'numpy', 'scipy',
+                                'ml-collections', 'clu', 'tensorflow', 'tensorflow-cpu',
+                                'soundfile', 'soxr'))
     try:
       smi = subprocess.run(['nvidia-smi', '--query-gpu=name,driver_version,memory.total',
                             '--format=csv,noheader'], capture_output=True, text=True, timeout=10)

@@ -15,13 +15,18 @@ a segment is zero-padded. Only the window is read from disk (soundfile seek + re
 
 TensorFlow runs on the CPU only: it is imported lazily by the first stream (`import_tf`,
 so `resolve_root` and friends stay cheap) and GPUs are hidden from it right away, so it
-never reserves accelerator memory that JAX needs.
+never reserves accelerator memory that JAX needs. Where TensorFlow is not installed (a GPU
+image that ships JAX but not TensorFlow, whose wheel is too big to carry there), the same
+examples come from a thread pool instead (`threaded_batches`), with a warning: the
+batches are identical, only tf.data's autotuning is lost.
 
 A stem that becomes unreadable during a run (a network disk that drops, a file replaced
 under the run) must not end hours of training: a failed read is retried, then the track is
 given up with a logged warning and the example is redrawn from the other tracks
 (`ReadFaults` counts both; training writes them to TensorBoard).
 """
+import collections
+import concurrent.futures
 import logging
 import os
 import threading
@@ -148,34 +153,47 @@ def read_example(tracks: Sequence[Track], frames: Sequence[int], segment: int, s
   raise ValueError('No readable training track found in 1000 draws; check the data disk.')
 
 
-def train_dataset(data_config, tracks: Sequence[Track], batch_size: int, seed: int,
-                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                  num_steps: Optional[int] = None, faults: Optional[ReadFaults] = None):
-  """The tf.data.Dataset behind `train_batches` (batches (B, N, S) float32)."""
+def _example_reader(data_config, tracks: Sequence[Track], batch_size: int, seed: int,
+                    process_index: int, process_count: int, faults: Optional[ReadFaults]):
+  """read(counter) -> stems (segment, S) of example counter % B of step counter // B of this
+  process: what both streams map over the counters."""
   if not tracks:
-    raise ValueError('train_dataset needs at least one track.')
+    raise ValueError('train_batches needs at least one track.')
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count}).')
-  tf = import_tf()
   stems = tuple(data_config.stems)
   segment = int(data_config.segment_samples)
   shift = bool(data_config.get('shift_augmentation', True))
   frames = [t.num_frames for t in tracks]
   tracks = list(tracks)
   offset = process_index * batch_size
-
   faults = faults if faults is not None else ReadFaults()
 
   def read(counter):
     step, j = divmod(int(counter), batch_size)
     return read_example(tracks, frames, segment, shift, seed, step, offset + j, stems, faults)
+  return read
+
+
+def _stop_step(start_step: int, num_steps: Optional[int], batch_size: int) -> int:
+  return (start_step + num_steps) if num_steps is not None else (1 << 62) // batch_size
+
+
+def train_dataset(data_config, tracks: Sequence[Track], batch_size: int, seed: int,
+                  start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                  num_steps: Optional[int] = None, faults: Optional[ReadFaults] = None):
+  """The tf.data.Dataset behind `train_batches` (batches (B, N, S) float32)."""
+  read = _example_reader(data_config, tracks, batch_size, seed, process_index, process_count,
+                         faults)
+  tf = import_tf()
+  segment, num_stems = int(data_config.segment_samples), len(data_config.stems)
 
   def read_tf(counter):
     x = tf.numpy_function(read, [counter], tf.float32, stateful=False)
-    x.set_shape((segment, len(stems)))
+    x.set_shape((segment, num_stems))
     return x
 
-  stop = (start_step + num_steps) if num_steps is not None else (1 << 62) // batch_size
+  stop = _stop_step(start_step, num_steps, batch_size)
   ds = tf.data.Dataset.range(start_step * batch_size, stop * batch_size)
   ds = ds.map(read_tf, num_parallel_calls=int(data_config.get('num_parallel_reads', 4)),
               deterministic=True)
@@ -188,11 +206,44 @@ def train_dataset(data_config, tracks: Sequence[Track], batch_size: int, seed: i
   return ds.with_options(options)
 
 
+def threaded_batches(data_config, tracks: Sequence[Track], batch_size: int, seed: int,
+                     start_step: int = 0, process_index: int = 0, process_count: int = 1,
+                     num_steps: Optional[int] = None, faults: Optional[ReadFaults] = None
+                     ) -> Iterator[np.ndarray]:
+  """`train_batches` without TensorFlow: the same examples, read by `num_parallel_reads`
+  threads (soundfile and NumPy release the GIL while they read and convert) at most
+  `prefetch_batches` + 1 batches ahead, yielded in order."""
+  read = _example_reader(data_config, tracks, batch_size, seed, process_index, process_count,
+                         faults)
+  workers = max(1, int(data_config.get('num_parallel_reads', 4)))
+  ahead = (int(data_config.get('prefetch_batches', 2)) + 1) * batch_size
+  stop = _stop_step(start_step, num_steps, batch_size) * batch_size
+
+  def batches():
+    pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix='rqvae-read')
+    pending = collections.deque()
+    counter = start_step * batch_size
+    try:
+      while True:
+        while counter < stop and len(pending) < ahead:
+          pending.append(pool.submit(read, counter))
+          counter += 1
+        if len(pending) < batch_size:
+          return
+        yield np.stack([pending.popleft().result() for _ in range(batch_size)])
+    finally:
+      for f in pending:
+        f.cancel()
+      pool.shutdown(wait=True)
+  return batches()
+
+
 def train_batches(data_config, tracks: Sequence[Track], batch_size: int, seed: int,
                   start_step: int = 0, process_index: int = 0, process_count: int = 1,
                   num_steps: Optional[int] = None, faults: Optional[ReadFaults] = None
                   ) -> Iterator[np.ndarray]:
-  """Yields float32 (batch_size, segment_samples, num_stems) stem batches, step by step.
+  """Yields float32 (batch_size, segment_samples, num_stems) stem batches, step by step:
+  tf.data where TensorFlow is installed, else `threaded_batches` (the same batches).
 
   Args:
     data_config: the config's `data` section.
@@ -205,10 +256,16 @@ def train_batches(data_config, tracks: Sequence[Track], batch_size: int, seed: i
     num_steps: stop after this many steps (default: endless).
     faults: where failed reads are counted (default: a private `ReadFaults()`).
   """
-  ds = train_dataset(data_config, tracks, batch_size, seed, start_step=start_step,
-                     process_index=process_index, process_count=process_count,
-                     num_steps=num_steps, faults=faults)
-  return ds.as_numpy_iterator()
+  kwargs = dict(start_step=start_step, process_index=process_index,
+                process_count=process_count, num_steps=num_steps, faults=faults)
+  try:
+    import_tf()
+  except ImportError as e:
+    logging.warning('TensorFlow cannot be imported (%s): training batches come from a thread '
+                    'pool (the same batches as tf.data; pip install tensorflow-cpu for '
+                    'tf.data).', e)
+    return threaded_batches(data_config, tracks, batch_size, seed, **kwargs)
+  return train_dataset(data_config, tracks, batch_size, seed, **kwargs).as_numpy_iterator()
 
 
 def mixture(stems: np.ndarray) -> np.ndarray:

@@ -33,6 +33,7 @@ from rqvae_jax import checkpoints as ckpt_lib
 from rqvae_jax import codec as codec_lib
 from rqvae_jax import prior as prior_lib
 from rqvae_jax import resume
+from rqvae_jax import summaries
 from rqvae_jax import train_state
 
 LN2 = math.log(2.0)
@@ -195,7 +196,6 @@ def _scalars(prefix: str, per_depth: np.ndarray) -> Dict[str, float]:
 def train_prior(config: ml_collections.ConfigDict, workdir: str,
                 allow_changed: Sequence[str] = ()) -> Dict[str, Any]:
   """Trains (resuming), validates, checkpoints, then writes the test NLL to metrics.json."""
-  from clu import metric_writers   # pylint: disable=g-import-not-at-top
   codec = load_codec(config)
   model = make_model(config, codec.config)
   codebooks = codec.variables['params']['quantizer']['codebooks']
@@ -208,7 +208,7 @@ def train_prior(config: ml_collections.ConfigDict, workdir: str,
   train_codes = split_codes(codec, 'train', workdir)
   val = eval_windows(split_codes(codec, 'validation', workdir), length, config.num_eval_windows)
   step_fn = _jitted(model, config, 'train')
-  writer = metric_writers.create_default_writer(workdir)
+  writer = summaries.metric_writer(workdir)
   t0, history = time.time(), []
   for step in range(start + 1, config.num_train_steps + 1):
     batch = train_windows(train_codes, config.batch_size, length, config.seed, step)

@@ -1,4 +1,6 @@
-"""Pictures for TensorBoard: log-magnitude spectrograms as RGB images (NumPy only)."""
+"""What training shows people: log-magnitude spectrograms as RGB images (NumPy only), and
+the metric writer (`metric_writer`: TensorBoard through clu, or the log where clu cannot
+run)."""
 import numpy as np
 
 
@@ -86,3 +88,44 @@ def curve_png(path: str, series, title: str = '', y_label: str = '', size=(720, 
     draw.line([width - right + 10, ly + 6, width - right + 30, ly + 6], fill=colour, width=2)
     _draw_text(draw, (width - right + 35, ly), name)
   image.save(path)
+
+
+class ScalarLogWriter:
+  """The metric writer of a machine without TensorFlow, which clu's writers import (a GPU
+  image that ships JAX but not TensorFlow): scalars go to the log (absl, like clu's
+  LoggingWriter); images, audio and hyperparameters are dropped. Validation keeps its own
+  history file and plots either way (rqvae_jax.validation)."""
+
+  def write_scalars(self, step, scalars):
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    values = ', '.join(f'{k} = {float(v):.6g}' for k, v in sorted(scalars.items()))
+    logging.info('[%d] %s', int(step), values)
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def metric_writer(workdir: str, just_logging: bool = False):
+  """clu's default writer (TensorBoard event files in workdir, and the log); a
+  `ScalarLogWriter`, with a warning that says what is lost, where clu or TensorFlow is
+  missing."""
+  try:
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    import logging  # pylint: disable=g-import-not-at-top
+    logging.warning('No TensorBoard summaries (%s): scalars go to the log only. pip install '
+                    'clu tensorflow-cpu for TensorBoard.', e)
+    return ScalarLogWriter()
+  return metric_writers.create_default_writer(workdir, just_logging=just_logging)

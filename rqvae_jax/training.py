@@ -26,6 +26,7 @@ from rqvae_jax import metrics as metrics_lib
 from rqvae_jax import parallel
 from rqvae_jax import quantizer as qz
 from rqvae_jax import resume
+from rqvae_jax import summaries
 from rqvae_jax import train_state as state_lib
 from rqvae_jax import validation
 from rqvae_jax.model import RQVAE, next_valid_length, normalize
@@ -263,7 +264,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   allowed to change, plus `allow_changed`) before anything is restored, and writes
   config.json only after the restore succeeded.
   """
-  from clu import metric_writers
   from rqvae_jax import bundled
   pipeline, slakh = bundled.data_module('pipeline'), bundled.data_module('slakh')
 
@@ -299,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                          out_shardings=(repl, repl), donate_argnums=(0,))
   p_eval_step = jax.jit(functools.partial(eval_step, config=config))
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_main)
+  writer = summaries.metric_writer(workdir, just_logging=not is_main)
   if start == 0:
     writer.write_hparams({k: v for k, v in _flatten_config(config).items()})
   stream = pipeline.train_batches(config.data, train_tracks, local_batch, seed=config.seed,

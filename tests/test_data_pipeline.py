@@ -1,4 +1,4 @@
-"""The tf.data training stream: shapes, determinism, resumption, process shards, windows."""
+"""The training stream (tf.data, or a thread pool without TensorFlow): shapes, determinism, resumption, process shards, windows."""
 import os
 
 import numpy as np
@@ -164,3 +164,50 @@ def test_a_stem_unreadable_mid_run_is_retried_then_skipped(tracks, tmp_path, cap
   assert set(np.unique(tags).astype(int)) <= {0, 1, 2, 3, 4}
   assert faults.scalars() == {'train/skipped_examples_total': float(faults.skipped_examples),
                               'train/unreadable_tracks': 1.0}
+
+
+def test_without_tensorflow_the_thread_pool_yields_the_same_batches(tracks, monkeypatch,
+                                                                    caplog):
+  """Where TensorFlow is missing (a GPU image with JAX only), `train_batches` falls back to
+  `threaded_batches`: the same batches as tf.data (shards and resume included), one warning."""
+  import logging
+  d = data_config()
+  d.num_parallel_reads, d.prefetch_batches = 3, 1
+  want = list(pipeline.train_batches(d, tracks, 2, seed=7, num_steps=6))
+  want_p1 = list(pipeline.train_batches(d, tracks, 2, seed=7, process_index=1,
+                                        process_count=2, start_step=2, num_steps=3))
+  def no_tf():
+    raise ImportError("No module named 'tensorflow'")
+  monkeypatch.setattr(pipeline, 'import_tf', no_tf)
+  with caplog.at_level(logging.WARNING):
+    got = list(pipeline.train_batches(d, tracks, 2, seed=7, num_steps=6))
+  assert any('TensorFlow cannot be imported' in r.getMessage() for r in caplog.records)
+  got_p1 = list(pipeline.train_batches(d, tracks, 2, seed=7, process_index=1,
+                                       process_count=2, start_step=2, num_steps=3))
+  assert len(got) == 6 and len(got_p1) == 3
+  for a, b in zip(want + want_p1, got + got_p1):
+    assert a.dtype == b.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+  # Endless by default; closing the generator stops its threads.
+  stream = pipeline.threaded_batches(d, tracks, 2, seed=7)
+  np.testing.assert_array_equal(next(stream), want[0])
+  np.testing.assert_array_equal(next(stream), want[1])
+  stream.close()
+  assert not any(t.name.startswith('rqvae-read') for t in __import__('threading').enumerate())
+  with pytest.raises(ValueError, match='at least one track'):
+    pipeline.threaded_batches(d, [], 2, seed=0)
+
+
+def test_the_thread_pool_stream_passes_read_errors_on(tracks, tmp_path):
+  """When every track is unreadable, the reader's ValueError reaches the caller at the batch
+  that needed it (not a hang, not a dead thread)."""
+  import shutil
+  d = data_config()
+  folder = tmp_path / tracks[0].name
+  shutil.copytree(tracks[0].path, folder)
+  (folder / 'bass.wav').write_bytes(b'garbage' * 100)
+  broken = [slakh.Track(str(folder), tracks[0].num_frames, tracks[0].sample_rate)]
+  stream = pipeline.threaded_batches(d, broken, 2, seed=0, num_steps=2,
+                                     faults=pipeline.ReadFaults(retries=0, delay_s=0.0))
+  with pytest.raises(ValueError, match='Every training track became unreadable'):
+    next(stream)

@@ -119,3 +119,70 @@ def test_script_refuses_bad_arguments():
   proc = subprocess.run(['bash', 'benchmarks/gpu_check.sh', '--frobnicate'], cwd=REPO,
                         capture_output=True, text=True, timeout=30)
   assert proc.returncode == 64 and 'unknown argument --frobnicate' in proc.stderr
+
+
+def _probe_wheel(folder):
+  """A minimal pure-Python wheel (module rqvae_probe), as `pip download` would leave one."""
+  import zipfile
+  folder.mkdir()
+  path = folder / 'rqvae_probe-1.0-py3-none-any.whl'
+  info = 'rqvae_probe-1.0.dist-info'
+  files = {'rqvae_probe.py': 'CARRIED = True\n',
+           f'{info}/METADATA': 'Metadata-Version: 2.1\nName: rqvae-probe\nVersion: 1.0\n',
+           f'{info}/WHEEL': ('Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n'
+                             'Tag: py3-none-any\n')}
+  files[f'{info}/RECORD'] = ''.join(f'{name},,\n' for name in [*files, f'{info}/RECORD'])
+  with zipfile.ZipFile(path, 'w') as z:
+    for name, text in files.items():
+      z.writestr(name, text)
+  return path
+
+
+def _fake_python3(folder, body=''):
+  """`python3` on PATH: the real interpreter, except that it claims a GPU when probed."""
+  folder.mkdir()
+  script = folder / 'python3'
+  script.write_text('#!/bin/sh\n'
+                    'case "$2" in *default_backend*) exit 0 ;; esac\n'
+                    f'{body}exec {sys.executable} "$@"\n')
+  script.chmod(0o755)
+  return folder
+
+
+def test_gpu_mode_runs_on_the_machines_python_with_the_carried_wheels(tmp_path):
+  """A lent GPU machine has no internet and no .venv, but its own python3 with JAX: the
+  script picks that one (the probe is faked here), installs the carried wheels beside it,
+  and runs the sections under it (only `environment` here, on the CPU)."""
+  out = tmp_path / 'out' / 'gpu_check.json'
+  bin_dir = _fake_python3(tmp_path / 'bin')
+  env = {k: v for k, v in os.environ.items() if k not in ('PYTHON', 'PYTHONPATH')}
+  env.update(PATH=f'{bin_dir}:{env["PATH"]}', GPU_CHECK_WHEELS=str(tmp_path / 'whl'))
+  _probe_wheel(tmp_path / 'whl')
+  proc = subprocess.run(['bash', 'benchmarks/gpu_check.sh', '--out', str(out), '--sections',
+                         'environment', '--budget', '600'],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+  doc = json.loads(out.read_text())
+  install = doc['sections']['environment']['install']
+  assert "the machine's python3" in install['python'] and install['returncode'] == 0
+  site = install['python'].rsplit('installed into ', 1)[1]
+  assert os.path.exists(os.path.join(site, 'rqvae_probe.py'))
+  assert doc['sections']['environment']['status'] == 'ok'
+  assert set(doc['sections']['environment']['packages']) >= {'flax', 'numpy'}
+
+
+def test_gpu_mode_names_a_missing_module_and_runs_nothing(tmp_path):
+  """A Python without a module the check needs: exit 2, a JSON that says so, no section."""
+  out = tmp_path / 'gpu_check.json'
+  fake = _fake_python3(tmp_path / 'bin', body=(
+      'case "$2" in *ml_collections*) echo "ModuleNotFoundError: No module named '
+      "'soxr'\" >&2; exit 1 ;; esac\n")) / 'python3'
+  env = dict(os.environ, PYTHON=str(fake))
+  proc = subprocess.run(['bash', 'benchmarks/gpu_check.sh', '--out', str(out)], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, (proc.stdout + proc.stderr)[-3000:]
+  assert 'lacks a module the check needs' in proc.stdout + proc.stderr
+  doc = json.loads(out.read_text())
+  assert doc['finished'] is False and doc['sections'] == {}
+  assert "No module named 'soxr'" in doc['install']['log_tail']
+  assert 'gpu_wheels.sh' in doc['install']['log_tail']
