@@ -228,9 +228,31 @@ def _median_time(fn, reps: int) -> float:
   return float(np.median(times))
 
 
+def time_each(candidates: dict, reps: int, partial: dict, key: str) -> str:
+  """Times each candidate (name -> a function building and returning a timed callable) into
+  partial[key], recording a candidate that raises under partial[key + '_errors'] instead of
+  failing the section; returns the fastest name. Why: a form that breaks on this device
+  (cuDNN's RNN on a JAX version this code has not met) must not leave the later sections on
+  it (they use what `choice` picked)."""
+  times, errors = {}, {}
+  for name, build in candidates.items():
+    try:
+      times[name] = round(_median_time(build(), reps), 5)
+    except Exception as e:  # pylint: disable=broad-except
+      errors[name] = f'{type(e).__name__}: {e}'[:800]
+    partial[key] = times
+    if errors:
+      partial[key + '_errors'] = errors
+  if not times:
+    raise RuntimeError(f'every candidate failed: {errors}')
+  return min(times, key=times.get)
+
+
 def choice(dry: bool, chosen: dict):
   """Times model.conv_impl 'matmul' vs 'xla' (the whole model's forward + backward at the
-  training batch) and lstm_impl 'scan' vs 'cudnn' (the BiLSTM alone); keeps the faster."""
+  training batch) and lstm_impl 'scan' vs 'cudnn' (the BiLSTM alone); keeps the faster of
+  those that run (until then, and if the section dies, the later sections use the portable
+  'scan')."""
   def run(partial):
     import jax
     import jax.numpy as jnp
@@ -241,42 +263,47 @@ def choice(dry: bool, chosen: dict):
     reps = 2 if dry else 5
     x = jnp.asarray(np.random.default_rng(0).normal(
         scale=0.05, size=(batch, cfg.data.segment_samples)).astype(np.float32))
-    conv = {}
+    chosen['lstm_impl'] = 'scan'
     variables = jax.jit(functools.partial(RQVAE(cfg.model).init, train=False))(
         {'params': jax.random.PRNGKey(0)}, x[:1])      # the same variables for both forms
-    for impl in ('matmul', 'xla'):
-      cfg.model.conv_impl = impl
-      model = RQVAE(cfg.model)
 
-      def loss(params, model=model):
-        (est, _), _ = model.apply({**variables, 'params': params}, x, train=True,
-                                  rngs={'dropout': jax.random.PRNGKey(1)},
-                                  mutable=['batch_stats', 'codebook_stats'])
-        return jnp.mean(est ** 2)
+    def conv_form(impl):
+      def build():
+        cfg.model.conv_impl = impl
+        model = RQVAE(cfg.model)
 
-      grad = jax.jit(jax.grad(loss))
-      conv[impl] = round(_median_time(lambda: grad(variables['params']), reps), 5)
-      partial['conv_fwd_bwd_s'] = conv
-    chosen['conv_impl'] = min(conv, key=conv.get)
+        def loss(params):
+          (est, _), _ = model.apply({**variables, 'params': params}, x, train=True,
+                                    rngs={'dropout': jax.random.PRNGKey(1)},
+                                    mutable=['batch_stats', 'codebook_stats'])
+          return jnp.mean(est ** 2)
+        grad = jax.jit(jax.grad(loss))
+        return lambda: grad(variables['params'])
+      return build
+    chosen['conv_impl'] = time_each({impl: conv_form(impl) for impl in ('matmul', 'xla')},
+                                    reps, partial, 'conv_fwd_bwd_s')
     partial['conv_impl'] = chosen['conv_impl']
 
     hid, t_len = cfg.model.channels[-1], cfg.data.segment_samples
     for s in cfg.model.strides:
       t_len = -(-t_len // s)
     xs = jnp.asarray(np.random.default_rng(1).normal(size=(batch, t_len, hid)).astype(np.float32))
-    impls = ['scan'] + (['cudnn'] if lstm_lib._on_cuda() else [])  # pylint: disable=protected-access
-    lstm = {}
-    for impl in impls:
-      net = lstm_lib.BiLSTM(hidden_size=hid, num_layers=cfg.model.lstm_layers, impl=impl)
-      params = net.init(jax.random.PRNGKey(0), xs)['params']
-      grad = jax.jit(jax.grad(lambda p, x, net=net: jnp.mean(net.apply({'params': p}, x) ** 2)))
-      lstm[impl] = round(_median_time(lambda: grad(params, xs), reps), 5)
-      partial['lstm_fwd_bwd_s'] = lstm
-    chosen['lstm_impl'] = min(lstm, key=lstm.get)
+    on_cuda = lstm_lib._on_cuda()  # pylint: disable=protected-access
+
+    def lstm_form(impl):
+      def build():
+        net = lstm_lib.BiLSTM(hidden_size=hid, num_layers=cfg.model.lstm_layers, impl=impl)
+        params = net.init(jax.random.PRNGKey(0), xs)['params']
+        grad = jax.jit(jax.grad(lambda p, x: jnp.mean(net.apply({'params': p}, x) ** 2)))
+        return lambda: grad(params, xs)
+      return build
+    chosen['lstm_impl'] = time_each(
+        {impl: lstm_form(impl) for impl in ['scan'] + (['cudnn'] if on_cuda else [])},
+        reps, partial, 'lstm_fwd_bwd_s')
     return {**partial, 'lstm_impl': chosen['lstm_impl'],
             'lstm_shape': {'batch': batch, 'frames': t_len, 'hidden': hid,
                            'layers': int(cfg.model.lstm_layers)},
-            'note': None if 'cudnn' in lstm else 'cuDNN needs a CUDA GPU: scan only'}
+            'note': None if on_cuda else 'cuDNN needs a CUDA GPU: scan only'}
   return run
 
 

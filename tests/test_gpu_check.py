@@ -186,3 +186,29 @@ def test_gpu_mode_names_a_missing_module_and_runs_nothing(tmp_path):
   assert doc['finished'] is False and doc['sections'] == {}
   assert "No module named 'soxr'" in doc['install']['log_tail']
   assert 'gpu_wheels.sh' in doc['install']['log_tail']
+
+
+def test_choice_keeps_the_forms_that_run_and_records_the_others(monkeypatch):
+  """A form that fails on the device (cuDNN's RNN on an untried JAX, say) is recorded, not
+  chosen, and does not fail the section; if none runs, the section fails. (Times faked: the
+  median of each candidate is its number.)"""
+  def fake_median(fn, reps):
+    return fn()
+  monkeypatch.setattr(gpu_check, '_median_time', fake_median)
+
+  def broken_build():
+    raise NotImplementedError('no cuDNN RNN here')
+
+  def broken_call():
+    def call():
+      raise ValueError('bad shapes')
+    return call
+  partial = {}
+  best = gpu_check.time_each({'slow': lambda: lambda: 0.5, 'cudnn': broken_build,
+                              'fast': lambda: lambda: 0.125, 'other': broken_call},
+                             3, partial, 'lstm_s')
+  assert best == 'fast' and partial['lstm_s'] == {'slow': 0.5, 'fast': 0.125}
+  assert partial['lstm_s_errors'] == {'cudnn': 'NotImplementedError: no cuDNN RNN here',
+                                      'other': 'ValueError: bad shapes'}
+  with pytest.raises(RuntimeError, match='every candidate failed'):
+    gpu_check.time_each({'cudnn': broken_build}, 2, {}, 'lstm_s')
