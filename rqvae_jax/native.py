@@ -37,7 +37,6 @@ import subprocess
 import tempfile
 
 import jax
-from jax.experimental.custom_partitioning import custom_partitioning
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -200,6 +199,9 @@ def partitioned(kind: str, rule: str, batch_factor: str, result_shapes):
   A rule whose results lack the batch factor is a sum over it (e.g. 'n m, n p -> m p'):
   each device's partial result is summed over the batch's mesh axes.
   """
+  # Imported here: only the CPU kernels need this experimental module, so a JAX that moved it
+  # (a GPU image newer than the lock) still imports the model and runs everything else.
+  from jax.experimental.custom_partitioning import custom_partitioning  # pylint: disable=g-import-not-at-top
   operands, results = (part.split(',') for part in rule.split('->'))
   arg_factors = [f.split() for f in operands]
   out_factors = [f.split() for f in results]
