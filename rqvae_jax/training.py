@@ -74,7 +74,7 @@ def train_step(state: state_lib.TrainState, batch: jax.Array, *,
     return loss, (parts, new_vars, aux)
 
   (loss, (parts, new_vars, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   lr = state_lib.learning_rate(state.step, state.lr_scale, config.optim, config.num_train_steps)
   has_codes = bottleneck.has_codes(config.model)   # Gaussian: no codebooks, usage or restarts
   num_q = qcfg.num_quantizers if has_codes else 0
