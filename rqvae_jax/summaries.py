@@ -93,13 +93,22 @@ def curve_png(path: str, series, title: str = '', y_label: str = '', size=(720, 
 class ScalarLogWriter:
   """The metric writer of a machine without TensorFlow, which clu's writers import (a GPU
   image that ships JAX but not TensorFlow): scalars go to the log (absl, like clu's
-  LoggingWriter); images, audio and hyperparameters are dropped. Validation keeps its own
-  history file and plots either way (rqvae_jax.validation)."""
+  LoggingWriter) and, given a `path`, one JSON line per write to it (SCALARS_FILE in the
+  workdir: the training curves TensorBoard would have shown); images, audio and
+  hyperparameters are dropped. Validation keeps its own history file and plots either way
+  (rqvae_jax.validation)."""
+
+  def __init__(self, path: str = ''):
+    self.path = path
 
   def write_scalars(self, step, scalars):
     from absl import logging  # pylint: disable=g-import-not-at-top
-    values = ', '.join(f'{k} = {float(v):.6g}' for k, v in sorted(scalars.items()))
-    logging.info('[%d] %s', int(step), values)
+    values = {k: float(v) for k, v in sorted(scalars.items())}
+    logging.info('[%d] %s', int(step), ', '.join(f'{k} = {v:.6g}' for k, v in values.items()))
+    if self.path:
+      import json  # pylint: disable=g-import-not-at-top
+      with open(self.path, 'a') as f:
+        f.write(json.dumps({'step': int(step), **values}) + '\n')
 
   def write_images(self, step, images):
     del step, images
@@ -117,15 +126,19 @@ class ScalarLogWriter:
     pass
 
 
+SCALARS_FILE = 'scalars.jsonl'
+
+
 def metric_writer(workdir: str, just_logging: bool = False):
-  """clu's default writer (TensorBoard event files in workdir, and the log); a
-  `ScalarLogWriter`, with a warning that says what is lost, where clu or TensorFlow is
-  missing."""
+  """clu's default writer (TensorBoard event files in workdir, and the log); where clu or
+  TensorFlow is missing, a `ScalarLogWriter` into workdir/SCALARS_FILE (the log only when
+  `just_logging`), with a warning that says what is lost."""
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     import logging  # pylint: disable=g-import-not-at-top
-    logging.warning('No TensorBoard summaries (%s): scalars go to the log only. pip install '
-                    'clu tensorflow-cpu for TensorBoard.', e)
-    return ScalarLogWriter()
+    import os  # pylint: disable=g-import-not-at-top
+    logging.warning('No TensorBoard summaries (%s): scalars go to the log and %s only. pip '
+                    'install clu tensorflow-cpu for TensorBoard.', e, SCALARS_FILE)
+    return ScalarLogWriter('' if just_logging else os.path.join(workdir, SCALARS_FILE))
   return metric_writers.create_default_writer(workdir, just_logging=just_logging)
