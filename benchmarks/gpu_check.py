@@ -234,17 +234,14 @@ def time_each(candidates: dict, reps: int, partial: dict, key: str) -> str:
   failing the section; returns the fastest name. Why: a form that breaks on this device
   (cuDNN's RNN on a JAX version this code has not met) must not leave the later sections on
   it (they use what `choice` picked)."""
-  times, errors = {}, {}
+  times = partial[key] = {}                 # filled in place: a timeout keeps what ran
   for name, build in candidates.items():
     try:
       times[name] = round(_median_time(build(), reps), 5)
     except Exception as e:  # pylint: disable=broad-except
-      errors[name] = f'{type(e).__name__}: {e}'[:800]
-    partial[key] = times
-    if errors:
-      partial[key + '_errors'] = errors
+      partial.setdefault(key + '_errors', {})[name] = f'{type(e).__name__}: {e}'[:800]
   if not times:
-    raise RuntimeError(f'every candidate failed: {errors}')
+    raise RuntimeError(f'every candidate failed: {partial[key + "_errors"]}')
   return min(times, key=times.get)
 
 

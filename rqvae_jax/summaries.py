@@ -1,6 +1,11 @@
 """What training shows people: log-magnitude spectrograms as RGB images (NumPy only), and
-the metric writer (`metric_writer`: TensorBoard through clu, or the log where clu cannot
-run)."""
+the metric writer (`metric_writer`: TensorBoard through clu, or the log and a JSON-lines
+file where clu cannot run)."""
+import json
+import logging
+import os
+
+from absl import logging as absl_logging
 import numpy as np
 
 
@@ -102,11 +107,10 @@ class ScalarLogWriter:
     self.path = path
 
   def write_scalars(self, step, scalars):
-    from absl import logging  # pylint: disable=g-import-not-at-top
     values = {k: float(v) for k, v in sorted(scalars.items())}
-    logging.info('[%d] %s', int(step), ', '.join(f'{k} = {v:.6g}' for k, v in values.items()))
+    absl_logging.info('[%d] %s', int(step),
+                      ', '.join(f'{k} = {v:.6g}' for k, v in values.items()))
     if self.path:
-      import json  # pylint: disable=g-import-not-at-top
       with open(self.path, 'a') as f:
         f.write(json.dumps({'step': int(step), **values}) + '\n')
 
@@ -136,8 +140,6 @@ def metric_writer(workdir: str, just_logging: bool = False):
   try:
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    import logging  # pylint: disable=g-import-not-at-top
-    import os  # pylint: disable=g-import-not-at-top
     logging.warning('No TensorBoard summaries (%s): scalars go to the log and %s only. pip '
                     'install clu tensorflow-cpu for TensorBoard.', e, SCALARS_FILE)
     return ScalarLogWriter('' if just_logging else os.path.join(workdir, SCALARS_FILE))
