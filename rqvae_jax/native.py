@@ -11,7 +11,9 @@ Kernels where XLA's CPU code was measurably slow (README: Performance):
   * that table (native/nearest_cpu.cc, `search_table`): the codebooks' bfloat16 bits
     transposed and their norms in one pass, cheap enough to rebuild in every training step;
   * a convolution's weight gradient x^T dy (native/weight_grad_cpu.cc, `tn_matmul`): read in
-    the arrays' own layout, where XLA's dot had them written transposed first.
+    the arrays' own layout, where XLA's dot had them written transposed first;
+  * stride-1, kernel-3 convolutions of few channels (native/conv_cpu.cc, `conv3`), where
+    XLA's convolution ran at a fraction of the cores' peak.
 All have portable XLA paths they are tested against, used on accelerators and wherever
 the kernels cannot be built.
 
@@ -42,13 +44,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 NATIVE_DIR = pathlib.Path(__file__).parent / 'native'
 SOURCES = (NATIVE_DIR / 'lstm_cpu.cc', NATIVE_DIR / 'nearest_cpu.cc',
-           NATIVE_DIR / 'weight_grad_cpu.cc')
+           NATIVE_DIR / 'weight_grad_cpu.cc', NATIVE_DIR / 'conv_cpu.cc')
 HEADERS = (NATIVE_DIR / 'parallel.h', NATIVE_DIR / 'simd.h')
 # FFI target (without the library's prefix) -> the symbol the library exports for it.
 _TARGETS = {'lstm_forward': 'RqvaeLstmForward', 'lstm_inference': 'RqvaeLstmInference',
             'lstm_backward': 'RqvaeLstmBackward', 'nearest_code': 'RqvaeNearestCode',
             'nearest_code_screened': 'RqvaeNearestCodeScreened',
-            'search_table': 'RqvaeSearchTable', 'tn_matmul': 'RqvaeTnMatmul'}
+            'search_table': 'RqvaeSearchTable', 'tn_matmul': 'RqvaeTnMatmul',
+            'conv3': 'RqvaeConv3'}
 OFF = 'RQVAE_JAX_NATIVE=0'                 # the reason load() gives when turned off
 # -fno-trapping-math lets GCC vectorise floor (the exp's range reduction); the kernels
 # never read the FP exception flags.
@@ -325,3 +328,23 @@ def tn_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
     raise ValueError(f'The weight-gradient kernel computes in float32, got {a.dtype} and '
                      f'{b.dtype}.')
   return _tn_call()(jax.lax.stop_gradient(a), jax.lax.stop_gradient(b))
+
+
+@functools.lru_cache(maxsize=None)
+def _conv3_call():
+  return partitioned('conv3', 'b l c, k c o -> b l o', 'b',
+                     lambda args: jax.ShapeDtypeStruct(args[0].shape[:2] + args[1].shape[2:],
+                                                       jnp.float32))
+
+
+def conv3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A stride-1, kernel-3, zero-padding-1 convolution of float32 channels-last x (B, L, C_in)
+  with kernel (3, C_in, C_out): (B, L, C_out) (native/conv_cpu.cc says where it pays). Not
+  differentiable here (`blocks.conv` gives it XLA's convolution gradient)."""
+  if x.ndim != 3 or kernel.ndim != 3 or kernel.shape[:2] != (3, x.shape[2]):
+    raise ValueError(f'x must be (B, L, C_in) and kernel (3, C_in, C_out), got {x.shape} and '
+                     f'{kernel.shape}.')
+  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+    raise ValueError(f'The convolution kernel computes in float32, got {x.dtype} and '
+                     f'{kernel.dtype}.')
+  return _conv3_call()(jax.lax.stop_gradient(x), jax.lax.stop_gradient(kernel))

@@ -413,6 +413,92 @@ def test_tn_matmul_sums_the_devices_shards():
   assert info['calls'] == 1 and info['local_rows'], info
 
 
+def _conv3_reference(x, w):
+  """float64 y[b, t, o] = sum_k sum_c x[b, t + k - 1, c] w[k, c, o], zeros outside."""
+  x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  xp = np.pad(x, ((0, 0), (1, 1), (0, 0)))
+  return sum(xp[:, k:k + x.shape[1]] @ w[k] for k in range(3))
+
+
+@pytest.mark.parametrize('shape', [(2, 88200 // 50, 1, 16), (2, 301, 16, 16), (2, 301, 16, 4),
+                                   (3, 1, 2, 17), (1, 2, 5, 33), (2, 7, 64, 64), (1, 9, 3, 5)])
+def test_conv3_kernel_matches_the_convolution(shape):
+  """The stride-1, kernel-3 convolution kernel against a float64 sum, on lengths of 1 and 2
+  (every frame is a border), a length that is no multiple of the register tile, and output
+  channel counts below, at and above one register (4, 5, 16, 17, 33, 64)."""
+  if not native.usable():
+    pytest.skip('the CPU kernels are not built here')
+  b, length, ci, co = shape
+  rng = np.random.default_rng(sum(shape))
+  x = rng.normal(size=(b, length, ci)).astype(np.float32)
+  w = rng.normal(size=(3, ci, co)).astype(np.float32)
+  got = np.asarray(jax.jit(native.conv3)(jnp.asarray(x), jnp.asarray(w)))
+  assert got.shape == (b, length, co)
+  np.testing.assert_allclose(got, _conv3_reference(x, w), rtol=1e-5, atol=1e-5 * np.sqrt(3 * ci))
+
+
+def test_blocks_conv_uses_the_kernel_for_small_channels_with_xlas_gradient():
+  """blocks.conv sends a float32 stride-1 kernel-3 layer of <= 64 channels to the kernel (a
+  custom call in the program) and not a wider one; the value and both gradients equal XLA's
+  convolution's."""
+  if not native.usable():
+    pytest.skip('the CPU kernels are not built here')
+  from rqvae_jax import blocks
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 203, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 16, 4)) * 0.2, jnp.float32)
+  loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))
+  ours = lambda x, w: blocks.conv(x, w, 1, 1)
+  xla = lambda x, w: blocks._xla_conv(x, w, 1, 1)
+  text = jax.jit(ours).lower(x, w).as_text()
+  assert 'conv3' in text and 'convolution' not in text
+  wide = jnp.zeros((3, 16, 128), jnp.float32)
+  assert 'conv3' not in jax.jit(ours).lower(x, wide).as_text()
+  np.testing.assert_allclose(np.asarray(jax.jit(ours)(x, w)), np.asarray(jax.jit(xla)(x, w)),
+                             rtol=1e-5, atol=1e-5)
+  got = jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(x, w)
+  want = jax.jit(jax.grad(loss(xla), argnums=(0, 1)))(x, w)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
+  with pytest.raises(ValueError, match=r'x must be \(B, L, C_in\) and kernel \(3, C_in, C_out\)'):
+    native.conv3(jnp.zeros((2, 5, 3)), jnp.zeros((3, 4, 8)))
+  with pytest.raises(ValueError, match='computes in float32'):
+    native.conv3(jnp.zeros((2, 5, 3), jnp.bfloat16), jnp.zeros((3, 3, 8)))
+
+
+_CONV3_SHARDED = r'''
+import json, sys
+sys.path.insert(0, {repo!r})
+import numpy as np, jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from rqvae_jax import native
+mesh = Mesh(np.array(jax.devices()), ('data',))
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.normal(size=(4, 50, 16)), jnp.float32)
+w = jnp.asarray(rng.normal(size=(3, 16, 8)), jnp.float32)
+rows = NamedSharding(mesh, P('data'))
+fn = jax.jit(native.conv3)
+xs = jax.device_put(x, rows)
+got = fn(xs, w)
+hlo = fn.lower(xs, w).compile().as_text()
+calls = [l for l in hlo.splitlines() if 'custom-call(' in l and 'conv3' in l]
+xp = np.pad(np.asarray(x, np.float64), ((0, 0), (1, 1), (0, 0)))
+want = sum(xp[:, k:k + 50] @ np.asarray(w[k], np.float64) for k in range(3))
+print(json.dumps({{
+    'devices': len(jax.devices()), 'diff': float(np.max(np.abs(np.asarray(got) - want))),
+    'gathers': hlo.count('all-gather('), 'local': all('f32[2,50,16]' in l for l in calls),
+    'calls': len(calls), 'spec': str(got.sharding.spec)}}))
+'''
+
+
+def test_conv3_runs_per_batch_shard():
+  """A batch sharded over two devices: each device convolves its own half, nothing gathered."""
+  info = run_on_two_cpu_devices(_CONV3_SHARDED)
+  assert info['devices'] == 2 and info['diff'] < 1e-4, info
+  assert info['gathers'] == 0 and info['calls'] == 1 and info['local'], info
+  assert 'data' in info['spec'], info
+
+
 _OTHER_ISA = r'''
 import json, sys
 sys.path.insert(0, {repo!r})
@@ -436,7 +522,12 @@ want_bits = np.swapaxes(np.asarray(jax.lax.bitcast_convert_type(jnp.asarray(cs, 
 table = {{'codebook_t': jnp.asarray(bits[1]), 'norms': norms[1]}}
 screened = np.asarray(jax.jit(quantizer.nearest_code)(jnp.asarray(x), jnp.asarray(cs[1]), table=table))
 exact_s = np.argmin(np.sum(cs[1].astype(np.float64) ** 2, -1) - 2 * x.astype(np.float64) @ cs[1].T, -1)
+cx = rng.normal(size=(2, 23, 16)).astype(np.float32); cw = rng.normal(size=(3, 16, 21)).astype(np.float32)
+cy = np.asarray(jax.jit(native.conv3)(jnp.asarray(cx), jnp.asarray(cw)))
+cxp = np.pad(cx.astype(np.float64), ((0, 0), (1, 1), (0, 0)))
+cwant = sum(cxp[:, k:k + 23] @ cw[k].astype(np.float64) for k in range(3))
 print(json.dumps({{'available': status.available, 'library': status.library,
+    'conv3': float(np.max(np.abs(cy - cwant))),
     'table': bool((np.asarray(bits) == want_bits).all()) and float(np.max(np.abs(np.asarray(norms) - np.sum(cs.astype(np.float64) ** 2, -1)))) < 1e-4,
     'screened': bool((screened == exact_s).all()),
     'lstm': max(float(jnp.max(jnp.abs(g - r))) for g, r in zip(got, want)),
@@ -451,7 +542,7 @@ def test_kernels_built_for_avx2_and_sse2_compute_the_same(tmp_path, march):
   """The kernels compiled for AVX2 (x86-64-v3) and plain SSE2 (x86-64), as a CPU without
   AVX-512 builds them (simd.h's narrower vectors): the LSTM recurrence and its gradients
   against the scan, the weight-gradient product, the nearest codes (plain and screened), the
-  search table. (A later -march wins over the build's -march=native.)"""
+  search table, the small convolution. (A later -march wins over the build's -march=native.)"""
   wrapper = tmp_path / 'cxx'
   wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("g++")} "$@" -march={march}\n')
   wrapper.chmod(0o755)
@@ -462,4 +553,4 @@ def test_kernels_built_for_avx2_and_sse2_compute_the_same(tmp_path, march):
   info = json.loads(proc.stdout.strip().splitlines()[-1])
   assert info['available'] and str(tmp_path) in info['library'], info
   assert info['lstm'] < 1e-4 and info['tn'] < 1e-3 and info['codes'], info
-  assert info['table'] and info['screened'], info
+  assert info['table'] and info['screened'] and info['conv3'] < 1e-4, info
